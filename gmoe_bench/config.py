@@ -1,0 +1,174 @@
+"""Typed schema of the composed Hydra config, and its validation.
+
+The YAML files under ``configs/`` hold every value; the dataclasses below only name the keys and
+their types (no defaults: a key the YAML does not set is an error, not a silent default).
+:func:`validate` merges the composed config into the schema, so an unknown key, a wrong type or an
+out-of-range value is one clear :class:`~gmoe_bench.errors.ConfigError` before any data is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gmoe_bench.errors import ConfigError
+
+BACKBONES = ("gcn", "gin")
+POOLINGS = ("mean", "sum", "max")
+COMBINES = ("sum", "mean")
+DISPATCHES = ("sparse", "dense")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = MISSING
+    mirror: str | None = MISSING
+    drop_node_p: float = MISSING
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = MISSING
+    num_layers: int = MISSING
+    hidden_dim: int = MISSING
+    dropout: float = MISSING
+    virtual_node: bool = MISSING
+    pooling: str = MISSING
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = MISSING
+    num_hop2: int = MISSING
+    top_k: int = MISSING
+    loss_weight: float = MISSING
+    noisy_gating: bool = MISSING
+    combine: str = MISSING
+    dispatch: str = MISSING
+    scale_hidden: bool = MISSING
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    device: str = MISSING
+    num_workers: int = MISSING
+    eval_batch_size: int = MISSING
+    progress: bool = MISSING
+
+
+@dataclass
+class WandbConfig:
+    mode: str = MISSING
+    project: str = MISSING
+    entity: str | None = MISSING
+    tags: list[str] = field(default_factory=list)
+    name: str | None = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seeds: list[int] = field(default_factory=list)
+
+
+def _valid_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        keys += _valid_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
+    return keys
+
+
+_SCHEMA_TREE = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}.")
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Check the composed config against the schema and the value ranges; return it typed."""
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw.pop("experiment", None)  # experiment files only select other groups' values
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
+        typed: TrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(
+            f"Invalid config at '{key}': {err.msg if hasattr(err, 'msg') else err}. "
+            f"Valid keys are: {', '.join(_valid_keys(_SCHEMA_TREE))}."
+        ) from None
+
+    d, m, moe, t = typed.dataset, typed.model, typed.moe, typed.trainer
+    _require(d.name.startswith("ogbg-mol"),
+             f"dataset.name={d.name!r} is not an OGB molecular dataset; use one of the ogbg-mol* "
+             "names (ogbg-molhiv, ogbg-molbbbp, ogbg-moltox21, ...).")
+    _require(0.0 <= d.drop_node_p < 1.0, f"dataset.drop_node_p={d.drop_node_p} must be in [0, 1).")
+    _check_choice("model.backbone", m.backbone, BACKBONES)
+    _check_choice("model.pooling", m.pooling, POOLINGS)
+    _require(m.num_layers >= 2, f"model.num_layers={m.num_layers} must be at least 2 (OGB's GNN).")
+    _require(m.hidden_dim >= 1, f"model.hidden_dim={m.hidden_dim} must be positive.")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    _require(moe.num_experts >= 0,
+             f"moe.num_experts={moe.num_experts} must be >= 0 (0 means the plain backbone).")
+    if moe.enabled:
+        _require(1 <= moe.top_k <= moe.num_experts,
+                 f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}.")
+        _require(0 <= moe.num_hop2 <= moe.num_experts,
+                 f"moe.num_hop2={moe.num_hop2} (hop-2 experts) must be between 0 and "
+                 f"moe.num_experts={moe.num_experts}.")
+        _require(moe.loss_weight >= 0, f"moe.loss_weight={moe.loss_weight} (λ) must be >= 0.")
+        _check_choice("moe.combine", moe.combine, COMBINES)
+        _check_choice("moe.dispatch", moe.dispatch, DISPATCHES)
+    _require(len(typed.seeds) > 0, "seeds is empty; give at least one, e.g. seeds=[0,1,2].")
+    _require(len(set(typed.seeds)) == len(typed.seeds), f"seeds={typed.seeds} has duplicates.")
+    _require(t.epochs >= 1, f"trainer.epochs={t.epochs} must be at least 1.")
+    _require(t.batch_size >= 1 and t.eval_batch_size >= 1, "batch sizes must be positive.")
+    _require(t.lr > 0 and math.isfinite(t.lr), f"trainer.lr={t.lr} must be a positive number.")
+    _require(t.num_workers >= 0, f"trainer.num_workers={t.num_workers} must be >= 0.")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+             f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N.")
+    _check_choice("logger.wandb.mode", typed.logger.wandb.mode, WANDB_MODES)
+    return typed
+
+
+def expert_hidden_dim(model: ModelConfig, moe: MoEConfig) -> int:
+    """Hidden size of the network: hidden_dim, or hidden_dim/sqrt(k) for GMoE with scale_hidden."""
+    if moe.enabled and moe.scale_hidden:
+        return max(1, round(model.hidden_dim / math.sqrt(moe.top_k)))
+    return model.hidden_dim
+
+
+def describe(cfg: TrainConfig) -> str:
+    """Short human name of the model, e.g. 'gcn' or 'gmoe-gcn n=8 m=4 k=4 λ=1'."""
+    if not cfg.moe.enabled:
+        return cfg.model.backbone
+    moe = cfg.moe
+    return (f"gmoe-{cfg.model.backbone} n={moe.num_experts} m={moe.num_hop2} k={moe.top_k} "
+            f"λ={moe.loss_weight:g}")

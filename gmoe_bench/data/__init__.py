@@ -1,0 +1,1 @@
+"""Data: OGB datasets, a mirror, hop-2 edges, augmentation."""

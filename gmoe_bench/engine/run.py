@@ -1,0 +1,121 @@
+"""Train and evaluate one seed under OGB's protocol: test at the best validation epoch."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from ogb.graphproppred import Evaluator
+from torch_geometric.loader import DataLoader
+
+from gmoe_bench.config import TrainConfig
+from gmoe_bench.data.ogb import MolDataset
+from gmoe_bench.engine.loop import EpochStats, evaluate, train_epoch
+from gmoe_bench.model import build_model
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = {"rmse", "mae"}
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    aux_loss: float
+    valid: float
+    test: float
+    train_seconds: float
+    graphs_per_second: float
+    # [L][n] share of (node, expert) assignments that went to each expert; empty without experts
+    routing: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    best_epoch: int
+    valid: float
+    test: float
+    wall_seconds: float
+    num_parameters: int
+    epochs: list[EpochRecord]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def routing_shares(stats: EpochStats) -> list[list[float]]:
+    if stats.expert_counts is None:
+        return []
+    counts = stats.expert_counts.astype(float)
+    return (counts / counts.sum(axis=1, keepdims=True).clip(min=1)).round(6).tolist()
+
+
+def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device,
+             on_epoch: Callable[[EpochRecord], None]) -> SeedResult:
+    """Train ``cfg`` on ``data`` with ``seed``; call ``on_epoch`` after every epoch."""
+    seed_everything(seed)
+    model = build_model(cfg.model, cfg.moe, data.num_tasks).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.trainer.lr)
+    t = cfg.trainer
+    shuffle = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(data.graphs[data.split["train"]], batch_size=t.batch_size,
+                              shuffle=True, generator=shuffle, num_workers=t.num_workers)
+    valid_loader = DataLoader(data.graphs[data.split["valid"]], batch_size=t.eval_batch_size,
+                              num_workers=t.num_workers)
+    test_loader = DataLoader(data.graphs[data.split["test"]], batch_size=t.eval_batch_size,
+                             num_workers=t.num_workers)
+    evaluator = Evaluator(data.name)
+    metric = data.eval_metric
+
+    start = time.perf_counter()
+    records: list[EpochRecord] = []
+    best: EpochRecord | None = None
+    for epoch in range(1, t.epochs + 1):
+        stats = train_epoch(model, train_loader, optimizer, device, data.task_type,
+                            cfg.dataset.drop_node_p, t.progress)
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=stats.task_loss,
+            aux_loss=stats.aux_loss,
+            valid=evaluate(model, valid_loader, evaluator, device, t.progress),
+            test=evaluate(model, test_loader, evaluator, device, t.progress),
+            train_seconds=stats.seconds,
+            graphs_per_second=stats.graphs / max(stats.seconds, 1e-9),
+            routing=routing_shares(stats),
+        )
+        records.append(record)
+        if is_better(metric, record.valid, best.valid if best else None):
+            best = record
+        log.info("seed %d epoch %d/%d: loss %.4f aux %.4f valid %s %.4f test %.4f (%.1fs)",
+                 seed, epoch, t.epochs, record.train_loss, record.aux_loss, metric,
+                 record.valid, record.test, record.train_seconds)
+        on_epoch(record)
+    assert best is not None
+    return SeedResult(seed=seed, best_epoch=best.epoch, valid=best.valid, test=best.test,
+                      wall_seconds=time.perf_counter() - start,
+                      num_parameters=sum(p.numel() for p in model.parameters()), epochs=records)

@@ -1,0 +1,13 @@
+"""Errors that are the user's to fix: the CLI prints them as one paragraph, without a traceback."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, environment) and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+class DataError(UserError):
+    """A dataset is missing, incomplete or corrupt."""

@@ -1,0 +1,144 @@
+"""The GMoE layer: n GCN/GIN experts over 1-hop and 2-hop neighbourhoods behind a noisy top-k gate."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gmoe_bench.model.conv import CONVS
+from gmoe_bench.model.gate import NoisyTopKGate, Routing, cv_squared
+
+
+class HopGraph(NamedTuple):
+    """The edges one kind of expert aggregates over (bonds, or 2-hop paths)."""
+
+    edge_index: Tensor  # [2, E]
+    edge_attr: Tensor  # [E, F_e]
+    deg: Tensor  # [N] degree + 1 over these edges (OGB counts edges by source)
+
+
+class LayerStats(NamedTuple):
+    """What a GMoE layer reports besides its output."""
+
+    importance_loss: Tensor  # CV² of expert importance
+    load_loss: Tensor  # CV² of expert load
+    expert_counts: Tensor  # [n] nodes routed to each expert (detached)
+
+
+@contextmanager
+def _frozen_norms(module: nn.Module, freeze: bool):
+    """Run ``module`` with BatchNorm on running statistics: a single node has no batch variance."""
+    if not freeze or not module.training:
+        yield
+        return
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+
+
+class GMoELayer(nn.Module):
+    r"""Graph mixture of experts (Wang et al., 2023).
+
+    .. math::
+        h_i = \sum_{e \in \mathrm{TopK}(i)} G(x)_{ie}\; \mathrm{BN}_e\big(\mathrm{conv}_e(x)\big)_i
+
+    Experts ``0 .. n-m-1`` aggregate over bonds, experts ``n-m .. n-1`` over 2-hop paths
+    (``m = num_hop2``). ``combine="mean"`` divides the sum by ``n`` as the official code does.
+
+    ``dispatch="sparse"`` runs each expert only for the nodes routed to it (their messages need the
+    features of their neighbours, which are gathered but not transformed by GIN), so cost follows
+    ``k``. Its BatchNorm then normalises over those nodes: the batch it actually processes, as in
+    Shazeer et al.'s experts; an expert given a single node in a training step uses its running
+    statistics for it. ``dispatch="dense"`` is the official formulation: every expert on every
+    node, BatchNorm over all nodes, outputs weighted by gates that are zero for unchosen experts.
+    In evaluation both give the same outputs and gradients.
+    """
+
+    def __init__(self, backbone: str, emb_dim: int, num_experts: int, num_hop2: int, top_k: int,
+                 noisy_gating: bool, combine: str, dispatch: str) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_hop1 = num_experts - num_hop2
+        self.combine = combine
+        self.dispatch = dispatch
+        conv = CONVS[backbone]
+        self.convs = nn.ModuleList(conv(emb_dim, hops=1 if e < self.num_hop1 else 2)
+                                   for e in range(num_experts))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(emb_dim) for _ in range(num_experts))
+        self.gate = NoisyTopKGate(emb_dim, num_experts, top_k, noisy_gating)
+
+    def reset_parameters(self) -> None:
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            conv.reset_parameters()
+            norm.reset_parameters()
+        self.gate.reset_parameters()
+
+    def forward(self, x: Tensor, hop1: HopGraph, hop2: HopGraph | None) -> tuple[Tensor, LayerStats]:
+        routing = self.gate(x)
+        run = self._sparse if self.dispatch == "sparse" else self._dense
+        out = run(x, routing, hop1, hop2)
+        if self.combine == "mean":
+            out = out / self.num_experts
+        counts = torch.bincount(routing.top_index.flatten(), minlength=self.num_experts)
+        return out, LayerStats(cv_squared(routing.importance), cv_squared(routing.load), counts)
+
+    def _graph(self, expert: int, hop1: HopGraph, hop2: HopGraph | None) -> HopGraph:
+        if expert < self.num_hop1:
+            return hop1
+        assert hop2 is not None, "hop-2 experts need the hop-2 graph"
+        return hop2
+
+    def _dense(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None) -> Tensor:
+        gates = routing.dense_gates(self.num_experts)  # [N, n]
+        out = torch.zeros_like(x)
+        for e, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            g = self._graph(e, hop1, hop2)
+            y = norm(conv(x, g.edge_index, g.edge_attr, g.deg, x.size(0)))
+            out = out + gates[:, e : e + 1] * y
+        return out
+
+    def _sparse(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None) -> Tensor:
+        num_nodes, k = routing.top_index.shape
+        expert_of = routing.top_index.flatten()  # [N·k] (node, expert) pairs, node-major
+        node_of = torch.arange(num_nodes, device=x.device).repeat_interleave(k)
+        weight_of = routing.top_weight.flatten()
+        order = torch.argsort(expert_of, stable=True)  # pairs grouped by expert, nodes ascending
+        counts = torch.bincount(expert_of, minlength=self.num_experts).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start : start + count]
+            start += count
+            targets = node_of[pairs]
+            y = self._run_expert(e, x, targets, self._graph(e, hop1, hop2))
+            out = out.index_add(0, targets, weight_of[pairs, None] * y)
+        return out
+
+    def _run_expert(self, e: int, x: Tensor, targets: Tensor, graph: HopGraph) -> Tensor:
+        """Expert ``e`` for ``targets`` only: [T, D]."""
+        num_nodes, num_targets = x.size(0), targets.numel()
+        is_target = torch.zeros(num_nodes, dtype=torch.bool, device=x.device)
+        is_target[targets] = True
+        src, dst = graph.edge_index
+        into_targets = is_target[dst]
+        src, dst = src[into_targets], dst[into_targets]
+        is_extra = torch.zeros_like(is_target)
+        is_extra[src] = True
+        is_extra &= ~is_target
+        extra = is_extra.nonzero().view(-1)
+        nodes = torch.cat([targets, extra])  # [U] local order: targets first
+        local = torch.empty(num_nodes, dtype=torch.long, device=x.device)
+        local[nodes] = torch.arange(nodes.numel(), device=x.device)
+        edge_index = torch.stack([local[src], local[dst]])
+        conv, norm = self.convs[e], self.norms[e]
+        with _frozen_norms(conv, num_targets < 2), _frozen_norms(norm, num_targets < 2):
+            y = conv(x[nodes], edge_index, graph.edge_attr[into_targets], graph.deg[nodes],
+                     num_targets)
+            return norm(y)

@@ -1,0 +1,1 @@
+"""Tracking: summary.json and Weights & Biases."""

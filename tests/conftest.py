@@ -1,0 +1,57 @@
+"""Shared fixtures: a small OGB-format molecule dataset built with rdkit (no network, no ../shared)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gmoe_bench.data.from_smiles import write_ogb_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_molecules() -> list[str]:
+    """72 varied molecules: chains, branches, rings, aromatics, one atom, a salt without bonds."""
+    smiles = []
+    for n in range(1, 7):
+        chain = "C" * n
+        smiles += [chain + "O", chain + "N", "c1ccccc1" + chain, "C1CC1" + chain,
+                   chain + "C(=O)O", "N" + chain + "c1ccncc1", chain + "Cl", "C1CCNCC1" + chain,
+                   "O=C(N)" + chain, "C#C" + chain, "FC(F)(F)" + chain, "c1ccc2ccccc2c1" + chain]
+    return [*smiles, "C", "[Na+].[Cl-]"]
+
+
+def write_small_dataset(folder: Path) -> None:
+    """``folder`` becomes an OGB-format 'ogbg-molbbbp' with a learnable label (has nitrogen)."""
+    smiles = small_molecules()
+    labels = np.array([[float("N" in s or "n" in s)] for s in smiles])
+    index = np.arange(len(smiles))
+    split = {"train": index[index % 5 >= 2], "valid": index[index % 5 == 0],
+             "test": index[index % 5 == 1]}
+    write_ogb_folder(folder, smiles, labels, split)
+
+
+@pytest.fixture(scope="session")
+def small_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mirror folder holding a small 'ogbg_molbbbp' dataset."""
+    mirror = tmp_path_factory.mktemp("mirror")
+    write_small_dataset(mirror / "ogbg_molbbbp")
+    return mirror
+
+
+def run_cli(*overrides: str, cwd: Path, mirror: Path | None, data_root: Path,
+            timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m gmoe_bench.train`` with Hydra overrides; output goes to ``cwd/run``."""
+    env = {k: v for k, v in os.environ.items() if k != "GMOE_DATA_MIRROR"}
+    if mirror is not None:
+        env["GMOE_DATA_MIRROR"] = str(mirror)
+    env["GMOE_DATA_ROOT"] = str(data_root)
+    env["WANDB_SILENT"] = "true"
+    cmd = [sys.executable, "-m", "gmoe_bench.train", f"hydra.run.dir={cwd / 'run'}",
+           "trainer.progress=false", *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,104 @@
+"""End-to-end runs of gmoe-train as a user starts it (a subprocess with Hydra overrides)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def load_summary(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_baseline_two_seeds_end_to_end(small_mirror: Path, tmp_path: Path) -> None:
+    proc = run_cli("model=gin", "seeds=[0,1]", "trainer.epochs=2", "logger=none",
+                   cwd=tmp_path, mirror=small_mirror, data_root=tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    summary = load_summary(tmp_path)
+    assert summary["complete"] and summary["metric"] == "rocauc"
+    assert [s["seed"] for s in summary["seeds"]] == [0, 1]
+    for seed in summary["seeds"]:
+        assert len(seed["epochs"]) == 2
+        best = seed["epochs"][seed["best_epoch"] - 1]
+        assert best["valid"] == max(e["valid"] for e in seed["epochs"]) == seed["valid"]
+        assert best["test"] == seed["test"]
+        assert 0.0 <= seed["test"] <= 1.0 and seed["wall_seconds"] > 0
+    agg = summary["aggregate"]
+    tests = [s["test"] for s in summary["seeds"]]
+    assert agg["test_mean"] == pytest.approx(sum(tests) / 2)
+    assert agg["test_std"] == pytest.approx(abs(tests[0] - tests[1]) / 2)
+    assert summary["config"]["model"]["backbone"] == "gin"
+    assert "model=gin seeds=[0,1]" in summary["provenance"]["command"]
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("ogbg-molbbbp gin: test rocauc ")
+    assert last_line.endswith(", 2 seeds")
+
+
+def test_same_seed_on_cpu_repeats_exactly(small_mirror: Path, tmp_path: Path) -> None:
+    curves = []
+    for attempt in ("a", "b"):
+        workdir = tmp_path / attempt
+        workdir.mkdir()
+        proc = run_cli("moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2", "seeds=[3]",
+                       "trainer.epochs=2", "dataset.drop_node_p=0.2", "logger=none",
+                       cwd=workdir, mirror=small_mirror, data_root=tmp_path / "data")
+        assert proc.returncode == 0, proc.stderr
+        seed = load_summary(workdir)["seeds"][0]
+        curves.append([(e["train_loss"], e["valid"], e["test"], e["routing"])
+                       for e in seed["epochs"]])
+    assert curves[0] == curves[1]
+
+
+@pytest.mark.parametrize("backbone", ["gcn", "gin"])
+def test_gmoe_with_hop2_experts_and_node_drop(small_mirror: Path, tmp_path: Path,
+                                              backbone: str) -> None:
+    proc = run_cli(f"model={backbone}", "moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2",
+                   "moe.loss_weight=1", "dataset.drop_node_p=0.2", "seeds=[0]",
+                   "trainer.epochs=2", "logger=none",
+                   cwd=tmp_path, mirror=small_mirror, data_root=tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    summary = load_summary(tmp_path)
+    epoch = summary["seeds"][0]["epochs"][-1]
+    assert summary["model"] == f"gmoe-{backbone} n=4 m=2 k=2 λ=1"
+    assert len(epoch["routing"]) == 5  # one row per layer
+    for layer in epoch["routing"]:
+        assert sum(layer) == pytest.approx(1.0, abs=1e-4)
+        assert sum(layer[2:]) > 0  # hop-2 experts receive nodes
+    assert epoch["aux_loss"] > 0 and math.isfinite(epoch["train_loss"])
+
+
+def test_bad_config_is_one_paragraph_and_exit_2(small_mirror: Path, tmp_path: Path) -> None:
+    proc = run_cli("moe.num_experts=4", "moe.top_k=8", cwd=tmp_path, mirror=small_mirror,
+                   data_root=tmp_path / "data")
+    assert proc.returncode == 2
+    assert "gmoe-train: error: moe.top_k=8 must be between 1 and moe.num_experts=4" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # rejected before any data was touched
+
+
+def test_help_lists_the_config_groups(tmp_path: Path) -> None:
+    proc = run_cli("--help", cwd=tmp_path, mirror=None, data_root=tmp_path)
+    assert proc.returncode == 0
+    for group in ("dataset: ogbg-molbbbp, ogbg-molhiv", "model: gcn, gin", "moe: gmoe, none",
+                  "trainer: default", "logger: none, wandb"):
+        assert group in proc.stdout
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not os.environ.get("GMOE_DATA_MIRROR"), reason="needs GMOE_DATA_MIRROR")
+def test_real_molbbbp_gcn_two_seeds(tmp_path: Path) -> None:
+    mirror = Path(os.environ["GMOE_DATA_MIRROR"])
+    proc = run_cli("dataset=ogbg-molbbbp", "model=gcn", "seeds=[0,1]", "trainer.epochs=2",
+                   "logger=none", cwd=tmp_path, mirror=mirror, data_root=tmp_path / "data",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = load_summary(tmp_path)
+    assert len(summary["seeds"]) == 2
+    assert 0.5 < summary["aggregate"]["test_mean"] < 1.0
+    assert sum(len(s["epochs"]) for s in summary["seeds"]) == 4

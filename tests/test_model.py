@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_geometric.data import Batch
+from torch_geometric.utils import degree
+
+from gmoe_bench.config import ModelConfig, MoEConfig, expert_hidden_dim
+from gmoe_bench.data.hop2 import two_hop_edges
+from gmoe_bench.model import build_model
+from gmoe_bench.model.conv import OGBGCNConv, OGBGINConv
+from gmoe_bench.model.gate import NoisyTopKGate, cv_squared
+from gmoe_bench.model.moe import GMoELayer, HopGraph
+from tests.test_hop2 import graph
+
+SMILES = ["CCO", "c1ccccc1CN", "C1CCNCC1C(=O)O", "C", "CC(C)(C)Cl", "[Na+].[Cl-]", "C1CCC1"]
+
+
+def batch() -> Batch:
+    return Batch.from_data_list([graph(s) for s in SMILES])
+
+
+def hops(b: Batch) -> tuple[HopGraph, HopGraph]:
+    n = b.num_nodes
+    hop1 = HopGraph(b.edge_index, b.edge_attr, degree(b.edge_index[0], n) + 1)
+    index2, attr2 = two_hop_edges(b.edge_index, b.edge_attr, n)
+    return hop1, HopGraph(index2, attr2, degree(index2[0], n) + 1)
+
+
+def moe_cfg(n: int, m: int, k: int, dispatch: str = "sparse", combine: str = "sum") -> MoEConfig:
+    return MoEConfig(num_experts=n, num_hop2=m, top_k=k, loss_weight=1.0, noisy_gating=True,
+                     combine=combine, dispatch=dispatch, scale_hidden=True)
+
+
+def model_cfg(backbone: str = "gcn", hidden: int = 32, virtual_node: bool = False) -> ModelConfig:
+    return ModelConfig(backbone=backbone, num_layers=3, hidden_dim=hidden, dropout=0.5,
+                       virtual_node=virtual_node, pooling="mean")
+
+
+def test_gcn_conv_matches_ogb_formula() -> None:
+    torch.manual_seed(0)
+    b = batch()
+    hop1, _ = hops(b)
+    conv = OGBGCNConv(16)
+    x = torch.randn(b.num_nodes, 16)
+    out = conv(x, hop1.edge_index, hop1.edge_attr, hop1.deg, b.num_nodes)
+    h = conv.linear(x)
+    bonds = conv.bond_encoder(b.edge_attr)
+    deg = hop1.deg
+    expected = F.relu(h + conv.root_emb.weight) / deg[:, None]
+    for e, (j, i) in enumerate(b.edge_index.T.tolist()):
+        expected[i] += F.relu(h[j] + bonds[e]) / (deg[i] * deg[j]).sqrt()
+    torch.testing.assert_close(out, expected)
+
+
+def test_gin_conv_matches_ogb_formula() -> None:
+    torch.manual_seed(0)
+    b = batch()
+    hop1, _ = hops(b)
+    conv = OGBGINConv(16).eval()
+    with torch.no_grad():
+        conv.eps.fill_(0.3)
+    x = torch.randn(b.num_nodes, 16)
+    out = conv(x, hop1.edge_index, hop1.edge_attr, hop1.deg, b.num_nodes)
+    bonds = conv.bond_encoder(b.edge_attr)
+    agg = torch.zeros_like(x)
+    for e, (j, i) in enumerate(b.edge_index.T.tolist()):
+        agg[i] += F.relu(x[j] + bonds[e])
+    torch.testing.assert_close(out, conv.mlp(1.3 * x + agg))
+
+
+@pytest.mark.parametrize("conv_cls", [OGBGCNConv, OGBGINConv])
+@pytest.mark.parametrize("hop", [1, 2])
+def test_conv_on_routed_nodes_equals_full_pass(conv_cls: type, hop: int) -> None:
+    torch.manual_seed(0)
+    b = batch()
+    g = hops(b)[hop - 1]
+    conv = conv_cls(16, hops=hop).eval()
+    x = torch.randn(b.num_nodes, 16)
+    full = conv(x, g.edge_index, g.edge_attr, g.deg, b.num_nodes)
+    layer = GMoELayer("gcn" if conv_cls is OGBGCNConv else "gin", 16, 1, hop - 1, 1, False,
+                      "sum", "sparse").eval()
+    layer.convs[0] = conv
+    layer.norms[0] = torch.nn.Identity()
+    targets = torch.tensor([0, 3, 4, 9, b.num_nodes - 1])
+    sub = layer._run_expert(0, x, targets, g)
+    torch.testing.assert_close(sub, full[targets])
+
+
+def test_gate_is_sparse_normalised_and_noise_free_in_eval() -> None:
+    torch.manual_seed(0)
+    gate = NoisyTopKGate(16, num_experts=6, top_k=2, noisy=True)
+    torch.nn.init.normal_(gate.w_gate)
+    torch.nn.init.normal_(gate.w_noise)
+    x = torch.randn(50, 16)
+    gate.train()
+    gates = gate(x).dense_gates(6)
+    assert ((gates > 0).sum(1) == 2).all()
+    torch.testing.assert_close(gates.sum(1), torch.ones(50))
+    assert not torch.equal(gate(x).top_weight, gate(x).top_weight)  # noisy in training
+    gate.eval()
+    first, second = gate(x), gate(x)
+    assert torch.equal(first.top_weight, second.top_weight)
+    assert torch.equal(first.top_index, (x @ gate.w_gate).topk(2, dim=1).indices)
+    torch.testing.assert_close(first.load, torch.bincount(first.top_index.flatten(),
+                                                          minlength=6).float())
+
+
+def test_cv_squared() -> None:
+    assert cv_squared(torch.full((5,), 3.0)).item() == pytest.approx(0.0)
+    assert cv_squared(torch.tensor([7.0])).item() == 0.0
+    uneven = torch.tensor([1.0, 2.0, 9.0])
+    assert cv_squared(uneven).item() > 0.5
+    assert cv_squared(10 * uneven).item() == pytest.approx(cv_squared(uneven).item(), rel=1e-5)
+    assert cv_squared(torch.tensor([0.0, 0.0, 4.0])) > cv_squared(torch.tensor([1.0, 1.0, 2.0]))
+
+
+def test_load_estimator_trains_both_gate_weights() -> None:
+    torch.manual_seed(0)
+    gate = NoisyTopKGate(16, num_experts=4, top_k=1, noisy=True).train()
+    torch.nn.init.normal_(gate.w_gate, std=0.1)
+    torch.nn.init.normal_(gate.w_noise, std=0.1)
+    routing = gate(torch.randn(64, 16))
+    assert routing.load.requires_grad
+    cv_squared(routing.load).backward()
+    assert gate.w_gate.grad.abs().sum() > 0
+    assert gate.w_noise.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backbone", ["gcn", "gin"])
+@pytest.mark.parametrize(("n", "m", "k"), [(4, 0, 1), (4, 2, 2), (4, 4, 4), (6, 3, 2), (1, 1, 1)])
+def test_dispatch_equals_dense_reference_in_eval(backbone: str, n: int, m: int, k: int) -> None:
+    torch.manual_seed(0)
+    b = batch()
+    sparse = build_model(model_cfg(backbone), moe_cfg(n, m, k, "sparse"), num_tasks=1)
+    for module in sparse.modules():  # non-trivial routing and BatchNorm statistics
+        if isinstance(module, NoisyTopKGate):
+            torch.nn.init.normal_(module.w_gate)
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    dense = copy.deepcopy(sparse)
+    for layer in dense.layers:
+        layer.dispatch = "dense"
+    outputs = []
+    for model in (sparse, dense):
+        model.eval()
+        out = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
+        (out.logits.sum() + out.aux_loss).backward()
+        outputs.append((out, {name: p.grad for name, p in model.named_parameters()}))
+    (out_s, grad_s), (out_d, grad_d) = outputs
+    torch.testing.assert_close(out_s.logits, out_d.logits)
+    torch.testing.assert_close(out_s.aux_loss, out_d.aux_loss)
+    assert torch.equal(out_s.expert_counts, out_d.expert_counts)
+    for name, grad in grad_s.items():
+        # an expert no node chose has no gradient under dispatch and a zero one in the reference
+        zero = torch.zeros_like(next(g for g in (grad, grad_d[name], torch.zeros(1))
+                                     if g is not None))
+        torch.testing.assert_close(zero if grad is None else grad,
+                                   zero if grad_d[name] is None else grad_d[name], msg=name)
+
+
+@pytest.mark.parametrize(("backbone", "dispatch", "combine", "virtual"),
+                         list(itertools.product(["gcn", "gin"], ["sparse", "dense"],
+                                                ["sum", "mean"], [False, True])))
+def test_training_step_runs_for_edge_cases(backbone: str, dispatch: str, combine: str,
+                                           virtual: bool) -> None:
+    torch.manual_seed(0)
+    b = batch()
+    for n, m, k in [(1, 0, 1), (3, 3, 3), (4, 0, 4), (8, 4, 1)]:
+        model = build_model(model_cfg(backbone, virtual_node=virtual),
+                            moe_cfg(n, m, k, dispatch, combine), 1).train()
+        out = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
+        assert out.logits.shape == (len(SMILES), 1)
+        assert out.expert_counts.shape == (3, n)
+        assert (out.expert_counts.sum(1) == k * b.num_nodes).all()
+        (out.logits.sum() + out.aux_loss).backward()
+        assert torch.isfinite(out.logits).all()
+
+
+def test_expert_given_one_node_in_training_uses_running_statistics() -> None:
+    torch.manual_seed(0)
+    b = batch()
+    layer = GMoELayer("gin", 16, 2, 0, 1, False, "sum", "sparse").train()
+    x = torch.randn(b.num_nodes, 16)
+    with torch.no_grad():  # route node 0 alone to expert 1
+        layer.gate.w_gate.zero_()
+        layer.gate.w_gate[0, 1] = 100.0
+        x[:, 0] = -1.0
+        x[0, 0] = 1.0
+    out, stats = layer(x, *hops(b))
+    assert stats.expert_counts.tolist() == [b.num_nodes - 1, 1]
+    assert torch.isfinite(out).all()
+    assert layer.training and layer.convs[1].training  # training mode is restored
+
+
+def test_hidden_size_scales_with_top_k() -> None:
+    model = ModelConfig(backbone="gcn", num_layers=5, hidden_dim=300, dropout=0.5,
+                        virtual_node=False, pooling="mean")
+    assert expert_hidden_dim(model, moe_cfg(8, 4, 4)) == 150
+    assert expert_hidden_dim(model, moe_cfg(8, 4, 1)) == 300
+    assert expert_hidden_dim(model, moe_cfg(0, 0, 1)) == 300
+    no_scaling = moe_cfg(8, 4, 4)
+    no_scaling.scale_hidden = False
+    assert expert_hidden_dim(model, no_scaling) == 300
