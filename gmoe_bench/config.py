@@ -64,6 +64,7 @@ class TrainerConfig:
     lr: float = MISSING
     device: str = MISSING
     num_workers: int = MISSING
+    cpu_threads: int = MISSING
     eval_batch_size: int = MISSING
     progress: bool = MISSING
 
@@ -152,6 +153,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
     _require(t.batch_size >= 1 and t.eval_batch_size >= 1, "batch sizes must be positive.")
     _require(t.lr > 0 and math.isfinite(t.lr), f"trainer.lr={t.lr} must be a positive number.")
     _require(t.num_workers >= 0, f"trainer.num_workers={t.num_workers} must be >= 0.")
+    _require(t.cpu_threads >= 0, f"trainer.cpu_threads={t.cpu_threads} must be >= 0 (0: default).")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N.")
     _check_choice("logger.wandb.mode", typed.logger.wandb.mode, WANDB_MODES)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +24,7 @@ from gmoe_bench.tracking.summary import (
     summary_line,
     write_json_atomic,
 )
+from gmoe_bench.tracking.wandb_logger import WandbLogger
 
 log = logging.getLogger("gmoe_bench")
 
@@ -33,6 +35,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 def train(cfg: DictConfig, output_dir: Path) -> float:
     """Run every seed of ``cfg``; write summary.json; return the mean validation metric."""
     typed = validate(cfg)
+    if typed.trainer.cpu_threads:
+        torch.set_num_threads(typed.trainer.cpu_threads)
     device = resolve_device(typed.trainer.device)
     data = load_dataset(typed.dataset)
     model_name = describe(typed)
@@ -50,9 +54,13 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         "complete": False,
     }
     path = output_dir / SUMMARY_FILE
+    wandb = WandbLogger(typed.logger.wandb, summary["config"], data.name, model_name,
+                        data.eval_metric, typed.moe.num_experts - typed.moe.num_hop2, output_dir)
     start = time.perf_counter()
     for seed in typed.seeds:
-        result = run_seed(typed, data, seed, device, on_epoch=lambda record: None)
+        wandb.start_seed(seed)
+        result = run_seed(typed, data, seed, device, on_epoch=wandb.log_epoch)
+        wandb.end_seed(result)
         summary["seeds"].append(result.to_dict())
         summary["aggregate"] = aggregate(summary["seeds"])
         summary["wall_seconds"] = time.perf_counter() - start
@@ -61,6 +69,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
                  result.valid, result.test)
     summary["complete"] = True
     write_json_atomic(path, summary)
+    wandb.log_aggregate(summary["seeds"], summary["aggregate"])
     line = summary_line(data.name, model_name, data.eval_metric, summary["aggregate"])
     log.info("%s", line)
     print(line, flush=True)

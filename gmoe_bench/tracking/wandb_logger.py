@@ -1,0 +1,122 @@
+"""Weights & Biases: one run per (config, seed), grouped by config, plus one summary run per group.
+
+W&B is a report, not a dependency of the results: any failure (no network in online mode, a full
+disk, a broken install) is warned about once, W&B is switched off for the rest of the job, and
+training and summary.json go on untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gmoe_bench.config import WandbConfig
+from gmoe_bench.engine.run import EpochRecord, SeedResult
+
+log = logging.getLogger(__name__)
+
+# Keys that change how a run executes but not what it computes: left out of the group identity.
+_EXECUTION_KEYS = {"seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
+                   "trainer.cpu_threads", "trainer.eval_batch_size", "dataset.root", "dataset.mirror"}
+
+
+def config_identity(config: dict[str, Any]) -> str:
+    """Short stable hash of what a config computes (seeds and execution details excluded)."""
+    def strip(node: Any, prefix: str = "") -> Any:
+        if not isinstance(node, dict):
+            return node
+        return {k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items())
+                if f"{prefix}{k}" not in _EXECUTION_KEYS}
+    return hashlib.sha1(json.dumps(strip(config), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def epoch_metrics(record: EpochRecord, metric: str) -> dict[str, float]:
+    out = {"epoch": record.epoch, "train/loss": record.train_loss, "train/aux_loss": record.aux_loss,
+           f"valid/{metric}": record.valid, f"test/{metric}": record.test,
+           "time/epoch_s": record.train_seconds, "time/graphs_per_s": record.graphs_per_second}
+    for layer, shares in enumerate(record.routing):
+        for expert, share in enumerate(shares):
+            out[f"routing/layer{layer}/expert{expert}"] = share
+    return out
+
+
+class WandbLogger:
+    """Logs a job's seeds to W&B; every method is safe to call after a failure (it does nothing)."""
+
+    def __init__(self, cfg: WandbConfig, run_config: dict[str, Any], dataset: str, model: str,
+                 metric: str, num_hop1: int, output_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_config = run_config
+        self.metric = metric
+        self.num_hop1 = num_hop1
+        self.output_dir = output_dir
+        self.group = f"{dataset} {model} [{config_identity(run_config)}]"
+        self.base_name = cfg.name or f"{dataset} {model}"
+        self.enabled = cfg.mode != "disabled"
+        self._run: Any = None
+
+    def _guard(self, action: str, fn: Callable[[], None]) -> None:
+        if not self.enabled:
+            return
+        try:
+            fn()
+        except Exception as err:  # W&B must never stop training
+            self.enabled = False
+            self._run = None
+            log.warning("W&B failed while %s (%s: %s); W&B is off for the rest of this job, "
+                        "results still go to summary.json.", action, type(err).__name__, err)
+
+    def _init(self, name: str, job_type: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(
+            mode=self.cfg.mode, project=self.cfg.project, entity=self.cfg.entity,
+            group=self.group, name=name, job_type=job_type, tags=list(self.cfg.tags),
+            config=config, dir=str(self.output_dir), reinit="finish_previous",
+            settings=wandb.Settings(init_timeout=60, console="off"),
+        )
+
+    def start_seed(self, seed: int) -> None:
+        self._guard("starting a run", lambda: self._init(
+            f"{self.base_name} seed={seed}", "train", {**self.run_config, "seed": seed}))
+
+    def log_epoch(self, record: EpochRecord) -> None:
+        def log_it() -> None:
+            metrics = epoch_metrics(record, self.metric)
+            if record.routing:
+                metrics["routing/hop2_share"] = sum(sum(layer[self.num_hop1:])
+                                                    for layer in record.routing) / len(record.routing)
+            self._run.log(metrics, step=record.epoch)
+        self._guard("logging an epoch", log_it)
+
+    def end_seed(self, result: SeedResult) -> None:
+        def finish() -> None:
+            self._run.summary.update({"best/epoch": result.best_epoch,
+                                      f"best/valid_{self.metric}": result.valid,
+                                      f"best/test_{self.metric}": result.test,
+                                      "wall_seconds": result.wall_seconds,
+                                      "num_parameters": result.num_parameters})
+            self._run.finish()
+            self._run = None
+        self._guard("finishing a run", finish)
+
+    def log_aggregate(self, seeds: list[dict[str, Any]], aggregate: dict[str, Any]) -> None:
+        """A summary run of the group: mean ± std over seeds and a table of the seeds."""
+        def summarize() -> None:
+            import wandb
+
+            self._init(f"{self.base_name} mean over {len(seeds)} seeds", "summary", self.run_config)
+            table = wandb.Table(columns=["seed", "best_epoch", f"valid_{self.metric}",
+                                         f"test_{self.metric}"],
+                                data=[[s["seed"], s["best_epoch"], s["valid"], s["test"]]
+                                      for s in seeds])
+            self._run.log({"seeds": table})
+            self._run.summary.update({f"{k}": v for k, v in aggregate.items()})
+            self._run.finish()
+            self._run = None
+        self._guard("writing the summary run", summarize)
