@@ -7,12 +7,14 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
 EXP ?= paper_molbbbp
+DIRS ?= multirun
+OUT ?= results/report
 # Use the offline OGB copies beside the checkout when they exist (air-gapped machines, CI).
 ifneq ($(wildcard ../shared/data/ogb),)
 export GMOE_DATA_MIRROR ?= $(abspath ../shared/data/ogb)
 endif
 
-.PHONY: help install train test lint sweep report bench reproduce-molbbbp reproduce-molhiv clean
+.PHONY: help install train test lint sweep report reproduce-molbbbp reproduce-molhiv clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -31,6 +33,22 @@ train: $(STAMP)  ## train with the defaults (ogbg-molbbbp, GCN, 3 seeds); more o
 
 test: $(STAMP)  ## run the test suite (real-data tests too when GMOE_DATA_MIRROR is set)
 	$(BIN)/python -m pytest -q
+
+sweep: $(STAMP)  ## run a sweep from configs/experiment/: EXP=paper_molbbbp, ARGS="hydra/launcher=parallel ..."
+	$(BIN)/gmoe-train -m +experiment=$(EXP) $(ARGS)
+
+report: $(STAMP)  ## tables and plots from run/sweep folders: DIRS="multirun/..." OUT=results/report
+	$(BIN)/gmoe-report $(DIRS) --out $(OUT)
+
+reproduce-molbbbp: $(STAMP)  ## the paper's ogbg-molbbbp table: baselines (10 seeds) and the GMoE search
+	$(BIN)/gmoe-train -m +experiment=paper_baselines dataset=ogbg-molbbbp hydra.sweep.dir=multirun/paper_molbbbp/baselines $(ARGS)
+	$(BIN)/gmoe-train -m +experiment=paper_molbbbp hydra.sweep.dir=multirun/paper_molbbbp/search $(ARGS)
+	$(BIN)/gmoe-report multirun/paper_molbbbp --out results/paper_molbbbp
+
+reproduce-molhiv: $(STAMP)  ## the paper's ogbg-molhiv table (use a GPU: ARGS="trainer.device=cuda")
+	$(BIN)/gmoe-train -m +experiment=paper_baselines dataset=ogbg-molhiv hydra.sweep.dir=multirun/paper_molhiv/baselines $(ARGS)
+	$(BIN)/gmoe-train -m +experiment=paper_molhiv hydra.sweep.dir=multirun/paper_molhiv/search $(ARGS)
+	$(BIN)/gmoe-report multirun/paper_molhiv --out results/paper_molhiv
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check gmoe_bench scripts tests

@@ -115,7 +115,6 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def validate(cfg: DictConfig) -> TrainConfig:
     """Check the composed config against the schema and the value ranges; return it typed."""
     raw = OmegaConf.to_container(cfg, resolve=True)
-    raw.pop("experiment", None)  # experiment files only select other groups' values
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
         typed: TrainConfig = OmegaConf.to_object(merged)

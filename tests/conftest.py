@@ -52,6 +52,7 @@ def run_cli(*overrides: str, cwd: Path, mirror: Path | None, data_root: Path,
         env["GMOE_DATA_MIRROR"] = str(mirror)
     env["GMOE_DATA_ROOT"] = str(data_root)
     env["WANDB_SILENT"] = "true"
-    cmd = [sys.executable, "-m", "gmoe_bench.train", f"hydra.run.dir={cwd / 'run'}",
-           "trainer.progress=false", *overrides]
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m, --help) come first
+    cmd = [sys.executable, "-m", "gmoe_bench.train", *flags, f"hydra.run.dir={cwd / 'run'}",
+           "trainer.progress=false", *(o for o in overrides if not o.startswith("-"))]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

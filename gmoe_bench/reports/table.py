@@ -1,0 +1,185 @@
+"""Collect summary.json files into per-configuration results and paper-style tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gmoe_bench.engine.run import LOWER_IS_BETTER
+from gmoe_bench.tracking.summary import SUMMARY_FILE
+from gmoe_bench.tracking.wandb_logger import config_identity
+
+log = logging.getLogger(__name__)
+
+# How config keys are written in row names; keys not listed appear in full.
+SHORT_NAMES = {"model.backbone": "", "moe.num_experts": "n", "moe.num_hop2": "m", "moe.top_k": "k",
+               "moe.loss_weight": "λ", "moe.dispatch": "dispatch", "moe.combine": "combine",
+               "model.hidden_dim": "hidden", "dataset.drop_node_p": "drop"}
+# Keys that never name a row: execution details, and the dataset (it is the column).
+IGNORED_PREFIXES = ("seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
+                    "trainer.cpu_threads", "trainer.eval_batch_size", "dataset.root",
+                    "dataset.mirror", "dataset.name")
+
+
+@dataclass
+class ConfigResult:
+    """Every finished seed of one configuration on one dataset, merged over jobs."""
+
+    dataset: str
+    model: str
+    metric: str
+    config: dict[str, Any]
+    seeds: list[dict[str, Any]] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def key(self) -> str:  # the config without dataset, seeds and execution details
+        return config_identity({k: v for k, v in self.config.items() if k != "dataset"} |
+                               {"dataset": {"drop_node_p": self.config["dataset"]["drop_node_p"]}})
+
+    def values(self, split: str) -> np.ndarray:
+        return np.array([s[split] for s in self.seeds], dtype=float)
+
+    def mean_std(self, split: str) -> tuple[float, float]:
+        values = self.values(split)
+        return float(values.mean()), float(values.std())
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def collect(dirs: list[Path]) -> list[ConfigResult]:
+    """All summary.json files under ``dirs``, grouped by (dataset, configuration)."""
+    groups: dict[tuple[str, str], ConfigResult] = {}
+    paths = sorted({p for d in dirs for p in ([d] if d.is_file() else d.rglob(SUMMARY_FILE))})
+    for path in paths:
+        summary = json.loads(path.read_text())
+        result = ConfigResult(summary["dataset"], summary["model"], summary["metric"],
+                              summary["config"])
+        group = groups.setdefault((result.dataset, result.key), result)
+        known = {s["seed"] for s in group.seeds}
+        for seed in summary["seeds"]:
+            if seed["seed"] in known:
+                log.warning("seed %d of %s appears twice; keeping the first (%s)", seed["seed"],
+                            group.model, path)
+                continue
+            group.seeds.append(seed)
+    results = [g for g in groups.values() if g.seeds]
+    _name_rows(results)
+    return results
+
+
+def _name_rows(results: list[ConfigResult]) -> None:
+    """Name each configuration by the config values that differ between configurations."""
+    flat = [{k: v for k, v in flatten(r.config).items() if not k.startswith(IGNORED_PREFIXES)}
+            for r in results]
+    keys = sorted({k for f in flat for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
+    # MoE keys mean nothing for the plain backbone (n=0): leave them out of its name.
+    for result, values in zip(results, flat, strict=True):
+        plain = values.get("moe.num_experts", 0) == 0
+        parts = []
+        for key in differing:
+            if plain and key.startswith("moe.") and key != "moe.num_experts":
+                continue
+            short = SHORT_NAMES.get(key, key)
+            value = values.get(key)
+            parts.append(f"{value}" if short == "" else f"{short}={value:g}" if
+                         isinstance(value, float) else f"{short}={value}")
+        result.label = " ".join(parts) or result.model
+
+
+def _scale(metric: str) -> float:
+    return 1.0 if metric in LOWER_IS_BETTER else 100.0
+
+
+def table_rows(results: list[ConfigResult]) -> tuple[list[str], list[str], dict]:
+    """Row labels (first-seen order), dataset columns, and cell values (mean, std, seeds)."""
+    labels = list(dict.fromkeys(r.label for r in results))
+    datasets = sorted({r.dataset for r in results})
+    cells = {(r.label, r.dataset): r for r in results}
+    return labels, datasets, cells
+
+
+def _best_per_column(labels: list[str], datasets: list[str], cells: dict) -> set[tuple[str, str]]:
+    best = set()
+    for dataset in datasets:
+        present = [(cells[(lab, dataset)].mean_std("test")[0], lab) for lab in labels
+                   if (lab, dataset) in cells]
+        if present:
+            metric = cells[(present[0][1], dataset)].metric
+            chosen = min(present) if metric in LOWER_IS_BETTER else max(present)
+            best.add((chosen[1], dataset))
+    return best
+
+
+def markdown_table(results: list[ConfigResult]) -> str:
+    """Test metric (ROC-AUC × 100) mean ± std over seeds, best per column in bold."""
+    labels, datasets, cells = table_rows(results)
+    best = _best_per_column(labels, datasets, cells)
+    metrics = sorted({r.metric for r in results})
+    header = ["model", *[f"{d} (test {'/'.join(metrics)}{' × 100' if _scale(metrics[0]) == 100 else ''})"
+                         for d in datasets], "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label in labels:
+        row = [label]
+        seed_counts = set()
+        for dataset in datasets:
+            result = cells.get((label, dataset))
+            if result is None:
+                row.append("–")
+                continue
+            scale = _scale(result.metric)
+            mean, std = result.mean_std("test")
+            cell = f"{mean * scale:.2f} ± {std * scale:.2f}"
+            row.append(f"**{cell}**" if (label, dataset) in best else cell)
+            seed_counts.add(len(result.seeds))
+        row.append("/".join(str(c) for c in sorted(seed_counts)))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def latex_table(results: list[ConfigResult]) -> str:
+    labels, datasets, cells = table_rows(results)
+    best = _best_per_column(labels, datasets, cells)
+    lines = [r"\begin{tabular}{l" + "c" * len(datasets) + "}", r"\toprule",
+             " & ".join(["Model", *datasets]) + r" \\", r"\midrule"]
+    for label in labels:
+        row = [label.replace("λ", r"$\lambda$").replace("_", r"\_")]
+        for dataset in datasets:
+            result = cells.get((label, dataset))
+            if result is None:
+                row.append("--")
+                continue
+            scale = _scale(result.metric)
+            mean, std = result.mean_std("test")
+            cell = f"{mean * scale:.2f} $\\pm$ {std * scale:.2f}"
+            row.append(rf"\textbf{{{cell}}}" if (label, dataset) in best else cell)
+        lines.append(" & ".join(row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(results: list[ConfigResult], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "dataset", "metric", "seeds", "valid_mean", "valid_std",
+                         "test_mean", "test_std", "seed_list"])
+        for r in results:
+            valid, test = r.mean_std("valid"), r.mean_std("test")
+            writer.writerow([r.label, r.dataset, r.metric, len(r.seeds), f"{valid[0]:.6f}",
+                             f"{valid[1]:.6f}", f"{test[0]:.6f}", f"{test[1]:.6f}",
+                             " ".join(str(s["seed"]) for s in r.seeds)])

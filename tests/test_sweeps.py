@@ -1,0 +1,54 @@
+"""Hydra multirun through the launchers, and gmoe-report on the sweep folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gmoe_bench.reports.cli import main as report_main
+from gmoe_bench.reports.table import collect
+from tests.conftest import run_cli
+
+
+def sweep(tmp_path: Path, mirror: Path, *overrides: str) -> Path:
+    out = tmp_path / "sweep"
+    proc = run_cli("-m", f"hydra.sweep.dir={out}", "trainer.epochs=2", "trainer.cpu_threads=1",
+                   *overrides, cwd=tmp_path, mirror=mirror, data_root=tmp_path / "data", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_grid_through_submitit_local_to_report(small_mirror: Path, tmp_path: Path) -> None:
+    out = sweep(tmp_path, small_mirror, "hydra/launcher=slurm_local", "moe.num_experts=2,4",
+                "moe.top_k=1,2", "moe.num_hop2=1", "seeds=[0,1]")
+    jobs = sorted(out.glob("*/summary.json"))
+    assert len(jobs) == 4
+    for job in jobs:
+        assert json.loads(job.read_text())["complete"]
+        assert len(list((job.parent / "wandb").glob("offline-run-*/*.wandb"))) == 3  # 2 seeds + summary
+    assert list((out / ".submitit").glob("*/*_log.out"))  # ran through submitit's executor
+
+    report = tmp_path / "report"
+    assert report_main([str(out), "--out", str(report), "--title", "grid"]) == 0
+    table = (report / "table.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| n=")]
+    assert [r.split(" | ")[0] for r in rows] == ["| n=2 k=1", "| n=2 k=2", "| n=4 k=1", "| n=4 k=2"]
+    assert sum("**" in r for r in rows) == 1  # the best row of the column
+    assert all(r.endswith("| 2 |") for r in rows)  # seeds per row
+    assert (report / "table.tex").read_text().count(r"\\") == 5
+    assert len((report / "table.csv").read_text().splitlines()) == 5
+    for plot in ("metric.png", "valid_curves.png", "routing.png"):
+        assert (report / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_spread_over_jobs_are_merged(small_mirror: Path, tmp_path: Path) -> None:
+    out = sweep(tmp_path, small_mirror, "model=gcn,gin", "seeds=[0],[1]", "logger=none")
+    assert len(list(out.glob("*/summary.json"))) == 4
+    results = collect([out])
+    assert sorted(r.label for r in results) == ["gcn", "gin"]
+    assert all(sorted(s["seed"] for s in r.seeds) == [0, 1] for r in results)
+
+
+def test_report_without_results_is_an_error(tmp_path: Path, capsys) -> None:
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
