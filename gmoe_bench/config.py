@@ -8,8 +8,12 @@ out-of-range value is one clear :class:`~gmoe_bench.errors.ConfigError` before a
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -65,6 +69,8 @@ class TrainerConfig:
     device: str = MISSING
     num_workers: int = MISSING
     cpu_threads: int = MISSING
+    checkpoint_dir: str = MISSING
+    resume: bool = MISSING
     eval_batch_size: int = MISSING
     progress: bool = MISSING
 
@@ -101,6 +107,36 @@ def _valid_keys(node: dict, prefix: str = "") -> list[str]:
 
 
 _SCHEMA_TREE = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+
+
+def valid_keys() -> list[str]:
+    """Every config key of the schema, dotted (e.g. 'moe.top_k')."""
+    return _valid_keys(_SCHEMA_TREE)
+
+
+def check_override_keys(overrides: list[str], groups: list[str]) -> None:
+    """Reject command-line overrides of keys that do not exist, naming the valid ones.
+
+    Hydra would reject them too, but suggest '+key=value', which only moves the error on.
+    Group selections (``model=gin``), additions (``+key``), deletions and Hydra's own keys pass.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # a syntax error: Hydra explains those itself
+    known = set(valid_keys())
+    for override in parsed:
+        key = override.key_or_group
+        if (override.is_add() or override.is_delete() or key.startswith("hydra") or "/" in key
+                or key in groups or key in known):
+            continue
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown config key '{key}'.{hint} Valid keys are: "
+                          f"{', '.join(sorted(known))}; config groups: {', '.join(groups)}.")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -173,3 +209,21 @@ def describe(cfg: TrainConfig) -> str:
     moe = cfg.moe
     return (f"gmoe-{cfg.model.backbone} n={moe.num_experts} m={moe.num_hop2} k={moe.top_k} "
             f"λ={moe.loss_weight:g}")
+
+
+# Keys that change how a run executes but not what it computes: left out of the group identity.
+EXECUTION_KEYS = ("seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
+                  "trainer.cpu_threads", "trainer.eval_batch_size", "trainer.checkpoint_dir",
+                  "trainer.resume", "dataset.root", "dataset.mirror")
+
+
+def config_identity(config: dict[str, Any], also_ignore: tuple[str, ...] = ()) -> str:
+    """Short stable hash of what a config computes (seeds and execution details excluded)."""
+    ignored = set(EXECUTION_KEYS) | set(also_ignore)
+
+    def strip(node: Any, prefix: str = "") -> Any:
+        if not isinstance(node, dict):
+            return node
+        return {k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items())
+                if f"{prefix}{k}" not in ignored}
+    return hashlib.sha1(json.dumps(strip(config), sort_keys=True).encode()).hexdigest()[:8]

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset is missing, incomplete or corrupt."""
+
+
+class TrainingError(Exception):
+    """A seed could not finish (e.g. its loss stopped being finite); other seeds go on."""

@@ -11,12 +11,14 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gmoe_bench.config import describe, validate
+from gmoe_bench.config import check_override_keys, config_identity, describe, validate
 from gmoe_bench.data.ogb import load_dataset
+from gmoe_bench.engine.checkpoint import SeedCheckpoint
 from gmoe_bench.engine.run import resolve_device, run_seed
-from gmoe_bench.errors import UserError
+from gmoe_bench.errors import ConfigError, TrainingError, UserError
 from gmoe_bench.tracking.summary import (
     SUMMARY_FILE,
     aggregate,
@@ -33,46 +35,74 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def train(cfg: DictConfig, output_dir: Path) -> float:
-    """Run every seed of ``cfg``; write summary.json; return the mean validation metric."""
+    """Run every seed of ``cfg``; write summary.json; return the mean validation metric.
+
+    Seeds already finished under ``trainer.checkpoint_dir`` are taken as they are, an interrupted
+    seed resumes from its last epoch. A seed whose loss stops being finite is recorded as failed,
+    the others go on, and TrainingError is raised at the end.
+    """
     typed = validate(cfg)
     if typed.trainer.cpu_threads:
         torch.set_num_threads(typed.trainer.cpu_threads)
     device = resolve_device(typed.trainer.device)
     data = load_dataset(typed.dataset)
     model_name = describe(typed)
-    log.info("%s %s on %s: %d train / %d valid / %d test graphs, seeds %s", data.name,
-             model_name, device, len(data.split["train"]), len(data.split["valid"]),
-             len(data.split["test"]), typed.seeds)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoints = (Path(typed.trainer.checkpoint_dir).expanduser().resolve() / data.name
+                   / config_identity(config))
+    log.info("%s %s on %s: %d train / %d valid / %d test graphs, seeds %s, checkpoints in %s",
+             data.name, model_name, device, len(data.split["train"]), len(data.split["valid"]),
+             len(data.split["test"]), typed.seeds, checkpoints)
 
     summary: dict[str, Any] = {
         "dataset": data.name,
         "model": model_name,
         "metric": data.eval_metric,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
         "provenance": provenance(device),
         "seeds": [],
+        "failed_seeds": [],
         "complete": False,
     }
     path = output_dir / SUMMARY_FILE
-    wandb = WandbLogger(typed.logger.wandb, summary["config"], data.name, model_name,
-                        data.eval_metric, typed.moe.num_experts - typed.moe.num_hop2, output_dir)
+    wandb = WandbLogger(typed.logger.wandb, config, data.name, model_name, data.eval_metric,
+                        typed.moe.num_experts - typed.moe.num_hop2, output_dir)
     start = time.perf_counter()
     for seed in typed.seeds:
-        wandb.start_seed(seed)
-        result = run_seed(typed, data, seed, device, on_epoch=wandb.log_epoch)
-        wandb.end_seed(result)
-        summary["seeds"].append(result.to_dict())
-        summary["aggregate"] = aggregate(summary["seeds"])
+        checkpoint = SeedCheckpoint(checkpoints, seed)
+        finished = checkpoint.finished_result() if typed.trainer.resume else None
+        if finished is not None:
+            log.info("seed %d: already finished (%s), skipped", seed, checkpoint.result_path)
+            summary["seeds"].append(finished)
+        else:
+            wandb.start_seed(seed)
+            try:
+                result = run_seed(typed, data, seed, device, wandb.log_epoch, checkpoint)
+            except TrainingError as err:
+                log.error("%s", err)
+                summary["failed_seeds"].append({"seed": seed, "error": str(err)})
+                wandb.end_seed(None)
+            else:
+                wandb.end_seed(result)
+                checkpoint.finish(result.to_dict())
+                summary["seeds"].append(result.to_dict())
+                log.info("seed %d: best epoch %d, valid %.4f, test %.4f", seed, result.best_epoch,
+                         result.valid, result.test)
+        if summary["seeds"]:
+            summary["aggregate"] = aggregate(summary["seeds"])
         summary["wall_seconds"] = time.perf_counter() - start
         write_json_atomic(path, summary)  # after every seed: finished seeds are never lost
-        log.info("seed %d: best epoch %d, valid %.4f, test %.4f", seed, result.best_epoch,
-                 result.valid, result.test)
-    summary["complete"] = True
+    summary["complete"] = not summary["failed_seeds"]
     write_json_atomic(path, summary)
-    wandb.log_aggregate(summary["seeds"], summary["aggregate"])
-    line = summary_line(data.name, model_name, data.eval_metric, summary["aggregate"])
-    log.info("%s", line)
-    print(line, flush=True)
+    if summary["seeds"]:
+        wandb.log_aggregate(summary["seeds"], summary["aggregate"])
+        line = summary_line(data.name, model_name, data.eval_metric, summary["aggregate"])
+        log.info("%s", line)
+        print(line, flush=True)
+    if summary["failed_seeds"]:
+        failed = ", ".join(str(f["seed"]) for f in summary["failed_seeds"])
+        raise TrainingError(f"seed(s) {failed} failed (see {path}); the other seeds' results are "
+                            "in it.")
     return summary["aggregate"]["valid_mean"]
 
 
@@ -80,13 +110,22 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except UserError as err:
+    except (UserError, TrainingError) as err:
         print(f"gmoe-train: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed, runs the others, and fails the sweep at the end
+        raise SystemExit(2 if isinstance(err, UserError) else 3) from None
 
 
 def main() -> None:
     """Console entry point (``gmoe-train``)."""
+    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    groups = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
+    try:
+        check_override_keys(overrides, groups)
+    except ConfigError as err:
+        print(f"gmoe-train: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     _hydra_main()
 
 

@@ -32,6 +32,8 @@ from gmoe_bench.errors import DataError
 # What ogb 1.3.6 pickles in processed/geometric_data_processed.pt beyond what PyG allowlists itself.
 PYG_PICKLED_CLASSES = [DataEdgeAttr, DataTensorAttr, GlobalStorage]
 RAW_FILES = ("edge", "node-feat", "edge-feat", "graph-label", "num-node-list", "num-edge-list")
+# Columns of each raw file in OGB's molecular format (graph-label: one per task).
+RAW_COLUMNS = {"edge": 2, "node-feat": 9, "edge-feat": 3, "num-node-list": 1, "num-edge-list": 1}
 MASTER_CSV = Path(PygGraphPropPredDataset.__init__.__code__.co_filename).parent / "master.csv"
 
 
@@ -68,6 +70,43 @@ def missing_files(folder: Path, meta: pd.Series) -> list[str]:
     needed += [f"raw/{f}.csv.gz" for f in RAW_FILES]
     needed += [f"split/{meta['split']}/{s}.csv.gz" for s in ("train", "valid", "test")]
     return [f for f in needed if not (folder / f).is_file()]
+
+
+def check_raw_files(folder: Path, meta: pd.Series) -> None:
+    """Column counts of the raw files, read from their first rows (cheap), before ogb parses them."""
+    expected = {**RAW_COLUMNS, "graph-label": int(meta["num tasks"])}
+    for name, columns in expected.items():
+        path = folder / "raw" / f"{name}.csv.gz"
+        try:
+            first = pd.read_csv(path, header=None, nrows=1)
+        except pd.errors.EmptyDataError:
+            continue  # no rows (e.g. no bonds at all): nothing to check
+        except Exception as err:
+            raise DataError(f"{path} cannot be read ({err}). Replace the dataset folder with a "
+                            "complete OGB-format copy.") from err
+        if first.shape[1] != columns:
+            raise DataError(f"{path} has {first.shape[1]} columns where {meta.name} needs "
+                            f"{columns}. The file is not in OGB's format: replace the dataset "
+                            "folder with a complete OGB-format copy.")
+
+
+def check_splits(graphs: PygGraphPropPredDataset, split: dict[str, torch.Tensor], name: str,
+                 task_type: str) -> None:
+    """Every split has labels, and for classification two classes in some task (else no ROC-AUC)."""
+    y = graphs.y.view(len(graphs), -1).float()
+    for part, index in split.items():
+        labels = y[index]
+        labelled = ~torch.isnan(labels)
+        if index.numel() == 0 or not labelled.any():
+            raise DataError(f"The {part} split of {name} has no labelled graph, so it cannot be "
+                            "trained or scored. Check the split files under split/.")
+        if "classification" in task_type and part != "train":
+            positives = torch.where(labelled, labels == 1, False).any(0)
+            negatives = torch.where(labelled, labels == 0, False).any(0)
+            if not (positives & negatives).any():
+                raise DataError(f"Every task of the {part} split of {name} has labels of one class "
+                                "only, so ROC-AUC is undefined. Use a split with both classes "
+                                "in it (the official scaffold split has them).")
 
 
 @contextmanager
@@ -141,6 +180,8 @@ def load_dataset(cfg: DatasetConfig) -> MolDataset:
             shutil.rmtree(folder)
         if not folder.exists() and cfg.mirror:
             _copy_from_mirror(Path(cfg.mirror).expanduser().resolve(), cfg.name, meta, folder)
+        if folder.exists() and not (folder / "processed" / "geometric_data_processed.pt").exists():
+            check_raw_files(folder, meta)
         try:
             graphs = _open_or_rebuild(cfg.name, root, folder)
         except (urllib.error.URLError, OSError) as err:
@@ -150,11 +191,12 @@ def load_dataset(cfg: DatasetConfig) -> MolDataset:
                             f"'{folder.name}/' as the official OGB zip extracts, through "
                             "GMOE_DATA_MIRROR=/path/to/mirror or dataset.mirror=/path/to/mirror."
                             ) from err
-    split = graphs.get_idx_split()
+    split = {k: torch.as_tensor(v, dtype=torch.long) for k, v in graphs.get_idx_split().items()}
+    check_splits(graphs, split, cfg.name, str(meta["task type"]))
     return MolDataset(
         name=cfg.name,
         graphs=graphs,
-        split={k: torch.as_tensor(v, dtype=torch.long) for k, v in split.items()},
+        split=split,
         num_tasks=int(meta["num tasks"]),
         task_type=str(meta["task type"]),
         eval_metric=str(meta["eval metric"]),

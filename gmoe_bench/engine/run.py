@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -15,7 +16,9 @@ from torch_geometric.loader import DataLoader
 
 from gmoe_bench.config import TrainConfig
 from gmoe_bench.data.ogb import MolDataset
+from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state
 from gmoe_bench.engine.loop import EpochStats, evaluate, train_epoch
+from gmoe_bench.errors import TrainingError
 from gmoe_bench.model import build_model
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ class EpochRecord:
     test: float
     train_seconds: float
     graphs_per_second: float
+    skipped_batches: int  # single-atom training batches (BatchNorm cannot normalise one node)
     # [L][n] share of (node, expert) assignments that went to each expert; empty without experts
     routing: list[list[float]] = field(default_factory=list)
 
@@ -76,8 +80,12 @@ def routing_shares(stats: EpochStats) -> list[list[float]]:
 
 
 def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device,
-             on_epoch: Callable[[EpochRecord], None]) -> SeedResult:
-    """Train ``cfg`` on ``data`` with ``seed``; call ``on_epoch`` after every epoch."""
+             on_epoch: Callable[[EpochRecord], None], checkpoint: SeedCheckpoint) -> SeedResult:
+    """Train ``cfg`` on ``data`` with ``seed``, resuming from ``checkpoint`` if it holds epochs.
+
+    Calls ``on_epoch`` after every epoch (also for the epochs restored from the checkpoint) and
+    saves the checkpoint after it. Raises TrainingError when the training loss is not finite.
+    """
     seed_everything(seed)
     model = build_model(cfg.model, cfg.moe, data.num_tasks).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.trainer.lr)
@@ -92,12 +100,31 @@ def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device
     evaluator = Evaluator(data.name)
     metric = data.eval_metric
 
-    start = time.perf_counter()
     records: list[EpochRecord] = []
     best: EpochRecord | None = None
-    for epoch in range(1, t.epochs + 1):
+    elapsed = 0.0
+    state = checkpoint.load() if cfg.trainer.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"], shuffle)
+        records = [EpochRecord(**r) for r in state["records"]]
+        elapsed = state["wall_seconds"]
+        for record in records:
+            if is_better(metric, record.valid, best.valid if best else None):
+                best = record
+            on_epoch(record)
+        log.info("seed %d: resumed after epoch %d from %s", seed, len(records),
+                 checkpoint.state_path)
+
+    start = time.perf_counter() - elapsed
+    for epoch in range(len(records) + 1, t.epochs + 1):
         stats = train_epoch(model, train_loader, optimizer, device, data.task_type,
                             cfg.dataset.drop_node_p, t.progress)
+        if not (math.isfinite(stats.task_loss) and math.isfinite(stats.aux_loss)):
+            raise TrainingError(f"seed {seed}: the training loss became {stats.task_loss} (auxiliary "
+                                f"{stats.aux_loss}) in epoch {epoch}. Lower trainer.lr or "
+                                "moe.loss_weight; the other seeds and finished results are kept.")
         record = EpochRecord(
             epoch=epoch,
             train_loss=stats.task_loss,
@@ -106,6 +133,7 @@ def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device
             test=evaluate(model, test_loader, evaluator, device, t.progress),
             train_seconds=stats.seconds,
             graphs_per_second=stats.graphs / max(stats.seconds, 1e-9),
+            skipped_batches=stats.skipped_batches,
             routing=routing_shares(stats),
         )
         records.append(record)
@@ -115,6 +143,9 @@ def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device
                  seed, epoch, t.epochs, record.train_loss, record.aux_loss, metric,
                  record.valid, record.test, record.train_seconds)
         on_epoch(record)
+        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "rng": rng_state(shuffle), "records": [asdict(r) for r in records],
+                         "wall_seconds": time.perf_counter() - start})
     assert best is not None
     return SeedResult(seed=seed, best_epoch=best.epoch, valid=best.valid, test=best.test,
                       wall_seconds=time.perf_counter() - start,

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from gmoe_bench.config import EXECUTION_KEYS, config_identity
 from gmoe_bench.engine.run import LOWER_IS_BETTER
 from gmoe_bench.tracking.summary import SUMMARY_FILE
-from gmoe_bench.tracking.wandb_logger import config_identity
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +22,7 @@ SHORT_NAMES = {"model.backbone": "", "moe.num_experts": "n", "moe.num_hop2": "m"
                "moe.loss_weight": "λ", "moe.dispatch": "dispatch", "moe.combine": "combine",
                "model.hidden_dim": "hidden", "dataset.drop_node_p": "drop"}
 # Keys that never name a row: execution details, and the dataset (it is the column).
-IGNORED_PREFIXES = ("seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
-                    "trainer.cpu_threads", "trainer.eval_batch_size", "dataset.root",
-                    "dataset.mirror", "dataset.name")
+IGNORED_PREFIXES = (*EXECUTION_KEYS, "dataset.name")
 
 
 @dataclass
@@ -40,8 +38,7 @@ class ConfigResult:
 
     @property
     def key(self) -> str:  # the config without dataset, seeds and execution details
-        return config_identity({k: v for k, v in self.config.items() if k != "dataset"} |
-                               {"dataset": {"drop_node_p": self.config["dataset"]["drop_node_p"]}})
+        return config_identity(self.config, also_ignore=("dataset.name",))
 
     def values(self, split: str) -> np.ndarray:
         return np.array([s[split] for s in self.seeds], dtype=float)

@@ -7,32 +7,15 @@ training and summary.json go on untouched.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gmoe_bench.config import WandbConfig
+from gmoe_bench.config import WandbConfig, config_identity
 from gmoe_bench.engine.run import EpochRecord, SeedResult
 
 log = logging.getLogger(__name__)
-
-# Keys that change how a run executes but not what it computes: left out of the group identity.
-_EXECUTION_KEYS = {"seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
-                   "trainer.cpu_threads", "trainer.eval_batch_size", "dataset.root", "dataset.mirror"}
-
-
-def config_identity(config: dict[str, Any]) -> str:
-    """Short stable hash of what a config computes (seeds and execution details excluded)."""
-    def strip(node: Any, prefix: str = "") -> Any:
-        if not isinstance(node, dict):
-            return node
-        return {k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items())
-                if f"{prefix}{k}" not in _EXECUTION_KEYS}
-    return hashlib.sha1(json.dumps(strip(config), sort_keys=True).encode()).hexdigest()[:8]
-
 
 def epoch_metrics(record: EpochRecord, metric: str) -> dict[str, float]:
     out = {"epoch": record.epoch, "train/loss": record.train_loss, "train/aux_loss": record.aux_loss,
@@ -94,8 +77,13 @@ class WandbLogger:
             self._run.log(metrics, step=record.epoch)
         self._guard("logging an epoch", log_it)
 
-    def end_seed(self, result: SeedResult) -> None:
+    def end_seed(self, result: SeedResult | None) -> None:
+        """Close the seed's run; ``None`` marks a seed that failed."""
         def finish() -> None:
+            if result is None:
+                self._run.finish(exit_code=1)
+                self._run = None
+                return
             self._run.summary.update({"best/epoch": result.best_epoch,
                                       f"best/valid_{self.metric}": result.valid,
                                       f"best/test_{self.metric}": result.test,

@@ -1,0 +1,189 @@
+"""Bad input, corrupt data, kills and resumes, non-finite losses, atomic files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from ogb.graphproppred import Evaluator
+from torch_geometric.loader import DataLoader
+
+from gmoe_bench.config import ModelConfig, MoEConfig
+from gmoe_bench.data.ogb import load_dataset
+from gmoe_bench.engine import loop
+from gmoe_bench.engine.checkpoint import SeedCheckpoint
+from gmoe_bench.engine.loop import evaluate, train_epoch
+from gmoe_bench.errors import DataError, TrainingError
+from gmoe_bench.model import build_model
+from gmoe_bench.tracking.summary import write_json_atomic
+from gmoe_bench.train import CONFIG_DIR, train
+from tests.conftest import REPO, run_cli, write_small_dataset
+from tests.test_data import dataset_cfg
+
+KEYS = ("seed", "best_epoch", "valid", "test")
+
+
+def figures(summary: dict) -> list:
+    return [[s[k] for k in KEYS] + [[(e["train_loss"], e["valid"], e["test"]) for e in s["epochs"]]]
+            for s in summary["seeds"]]
+
+
+def test_unknown_key_names_the_valid_ones(tmp_path: Path) -> None:
+    proc = run_cli("moe.topk=2", cwd=tmp_path, mirror=None, data_root=tmp_path / "data")
+    assert proc.returncode == 2
+    assert "Unknown config key 'moe.topk'. Did you mean 'moe.top_k'?" in proc.stderr
+    assert "Valid keys are:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_raw_file_with_wrong_columns(small_mirror: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "mirror"
+    shutil.copytree(small_mirror, broken)
+    edge_feat = broken / "ogbg_molbbbp" / "raw" / "edge-feat.csv.gz"
+    with gzip.open(edge_feat, "wt") as f:
+        f.write("0,1\n1,0\n")
+    with pytest.raises(DataError, match=r"edge-feat\.csv\.gz has 2 columns where ogbg-molbbbp needs 3"):
+        load_dataset(dataset_cfg(tmp_path / "root", broken))
+
+
+def test_split_with_one_class_only(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    write_small_dataset(mirror / "ogbg_molbbbp")
+    labels = mirror / "ogbg_molbbbp" / "raw" / "graph-label.csv.gz"
+    with gzip.open(labels, "rt") as f:
+        values = np.array([float(line) for line in f])
+    values[np.arange(len(values)) % 5 == 1] = 1.0  # every test graph positive
+    with gzip.open(labels, "wt") as f:
+        f.write("\n".join(f"{v:g}" for v in values) + "\n")
+    with pytest.raises(DataError, match="test split of ogbg-molbbbp has labels of one class"):
+        load_dataset(dataset_cfg(tmp_path / "root", mirror))
+
+
+def test_single_atom_graphs_are_scored_and_one_node_batches_skipped(small_mirror: Path,
+                                                                   tmp_path: Path) -> None:
+    data = load_dataset(dataset_cfg(tmp_path, small_mirror))
+    single = [i for i in range(len(data.graphs)) if data.graphs[i].num_nodes == 1]
+    assert single  # methane
+    graphs = data.graphs[torch.tensor([*single, 0, 1, 2])]
+    model = build_model(ModelConfig("gin", 2, 16, 0.5, False, "mean"),
+                        MoEConfig(4, 2, 2, 1.0, True, "sum", "sparse", True), 1)
+    seen = []
+
+    class CountingEvaluator(Evaluator):
+        def eval(self, input_dict):
+            seen.append(len(input_dict["y_pred"]))
+            return {"rocauc": 0.5}
+
+    evaluate(model, DataLoader(graphs, batch_size=1), CountingEvaluator("ogbg-molbbbp"),
+             torch.device("cpu"), progress=False)
+    assert seen == [len(graphs)]  # every graph scored, one-atom batches included
+    optimizer = torch.optim.Adam(model.parameters())
+    stats = train_epoch(model, DataLoader(graphs, batch_size=1), optimizer, torch.device("cpu"),
+                        "binary classification", 0.0, progress=False)
+    assert stats.skipped_batches == len(single) and stats.graphs == 3
+
+
+def test_summary_write_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    write_json_atomic(path, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"ok": 2, "broken": object()})  # fails half-way through
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_unreadable_checkpoint_starts_the_seed_over(tmp_path: Path) -> None:
+    checkpoint = SeedCheckpoint(tmp_path, seed=0)
+    checkpoint.save({"model": {"w": torch.ones(2)}})
+    assert torch.equal(checkpoint.load()["model"]["w"], torch.ones(2))
+    checkpoint.state_path.write_bytes(b"truncated")
+    assert checkpoint.load() is None
+
+
+def compose_cfg(tmp_path: Path, mirror: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[
+            f"dataset.mirror={mirror}", f"dataset.root={tmp_path / 'data'}",
+            f"trainer.checkpoint_dir={tmp_path / 'ckpt'}", "trainer.progress=false",
+            "logger=none", *overrides])
+
+
+def test_non_finite_loss_fails_that_seed_only(small_mirror: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real_loss = loop.task_loss
+
+    def exploding_for_seed_1(logits, y, task_type):
+        loss = real_loss(logits, y, task_type)
+        return loss * float("nan") if torch.initial_seed() == 1 else loss
+
+    monkeypatch.setattr(loop, "task_loss", exploding_for_seed_1)
+    cfg = compose_cfg(tmp_path, small_mirror, "seeds=[0,1,2]", "trainer.epochs=2")
+    with pytest.raises(TrainingError, match=r"seed\(s\) 1 failed"):
+        train(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["seed"] for s in summary["seeds"]] == [0, 2]
+    assert summary["failed_seeds"][0]["seed"] == 1
+    assert "the training loss became nan" in summary["failed_seeds"][0]["error"]
+    assert not summary["complete"] and summary["aggregate"]["num_seeds"] == 2
+
+
+def test_finished_seeds_are_skipped_on_rerun(small_mirror: Path, tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, small_mirror, "seeds=[0,1]", "trainer.epochs=2")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    train(cfg, tmp_path / "a")
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "ckpt").rglob("seed_*")) == ["seed_0.json",
+                                                                           "seed_1.json"]
+    train(cfg, tmp_path / "b")
+    assert figures(json.loads((tmp_path / "b" / "summary.json").read_text())) == figures(first)
+
+
+def launch(tmp_path: Path, mirror: Path, workdir: str, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "GMOE_DATA_MIRROR": str(mirror), "GMOE_DATA_ROOT": str(tmp_path / "data"),
+           "GMOE_CHECKPOINT_DIR": str(tmp_path / workdir / "ckpt"), "PYTHONPATH": str(REPO)}
+    (tmp_path / workdir).mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "gmoe_bench.train", "hydra.run.dir=run", "logger=none",
+           "trainer.progress=false", "seeds=[0,1]", "trainer.epochs=12", "moe.num_experts=4",
+           "moe.num_hop2=2", "moe.top_k=2", "moe.loss_weight=1", "dataset.drop_node_p=0.1",
+           *overrides]
+    return subprocess.Popen(cmd, cwd=tmp_path / workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_and_resume_reaches_the_uninterrupted_result(small_mirror: Path,
+                                                          tmp_path: Path) -> None:
+    reference = launch(tmp_path, small_mirror, "reference")
+    output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output
+    expected = json.loads((tmp_path / "reference" / "run" / "summary.json").read_text())
+
+    victim = launch(tmp_path, small_mirror, "killed")
+    ckpt = tmp_path / "killed" / "ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill in the middle of seed 1, after some of its epochs
+        states = list(ckpt.rglob("seed_1.pt"))
+        if states and torch.load(states[0])["records"].__len__() >= 3:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert list(ckpt.rglob("seed_0.json")) and list(ckpt.rglob("seed_1.pt"))
+    assert not list(ckpt.rglob("seed_1.json"))
+
+    rerun = launch(tmp_path, small_mirror, "killed")  # the same command again
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output
+    assert "seed 0: already finished" in output and "seed 1: resumed after epoch" in output
+    resumed = json.loads((tmp_path / "killed" / "run" / "summary.json").read_text())
+    assert figures(resumed) == figures(expected)
