@@ -40,6 +40,7 @@ from gmoe_bench.data.from_smiles import write_ogb_folder  # noqa: E402
 from gmoe_bench.data.hop2 import two_hop_edges  # noqa: E402
 from gmoe_bench.data.ogb import MolDataset, load_dataset  # noqa: E402
 from gmoe_bench.engine.loop import task_loss  # noqa: E402
+from gmoe_bench.engine.run import build_optimizer  # noqa: E402
 from gmoe_bench.model import build_model  # noqa: E402
 
 HIDDEN = 150
@@ -74,7 +75,7 @@ def batches(data: MolDataset, batch_size: int, count: int, device: torch.device)
 def time_model(model: torch.nn.Module, fixed: list, device: torch.device, warmup: int,
                repeats: int) -> dict[str, float]:
     """Median training-step time (s), inference graphs/s and peak CUDA memory (MiB)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = build_optimizer(model, 1e-3)
 
     def step(b: Any) -> None:
         out = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
@@ -142,7 +143,7 @@ def data_wait_share(data: MolDataset, device: torch.device, max_batches: int) ->
     """One training pass of plain GCN (batch 32) with the real loader: time waiting for batches."""
     model = build_model(ModelConfig("gcn", LAYERS, HIDDEN, 0.5, False, "mean"),
                         MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", False), 1).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = build_optimizer(model, 1e-3)
     loader = DataLoader(data.graphs[data.split["train"]], batch_size=32, shuffle=True)
     wait = 0.0
     start = time.perf_counter()
@@ -232,7 +233,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="n ∈ {4, 8}, k ∈ {1, 4} only")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
 

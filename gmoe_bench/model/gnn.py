@@ -19,6 +19,13 @@ from gmoe_bench.model.moe import GMoELayer, HopGraph, LayerStats
 POOLS = {"mean": global_mean_pool, "sum": global_add_pool, "max": global_max_pool}
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout, as F.dropout; the mask from rand_like is ~3× faster on CPU than bernoulli_."""
+    if not training or p == 0.0:
+        return x
+    return x * (torch.rand_like(x) >= p) / (1.0 - p)
+
+
 class BackboneLayer(nn.Module):
     """One layer of OGB's GNN: convolution, then BatchNorm."""
 
@@ -120,10 +127,10 @@ class MolGNN(nn.Module):
             h, layer_stats = layer(h, hop1, hop2)
             if layer_stats is not None:
                 stats.append(layer_stats)
-            h = F.dropout(h if i == last else F.relu(h), self.dropout, self.training)
+            h = dropout(h if i == last else F.relu(h), self.dropout, self.training)
             if virtual is not None and i < last:
                 pooled = global_add_pool(h_in, batch, size=num_graphs) + virtual
-                virtual = F.dropout(self.virtual_mlps[i](pooled), self.dropout, self.training)
+                virtual = dropout(self.virtual_mlps[i](pooled), self.dropout, self.training)
 
         logits = self.head(self.pool(h, batch, size=num_graphs))
         if not stats:
