@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,49 +124,48 @@ def _best_per_column(labels: list[str], datasets: list[str], cells: dict) -> set
     return best
 
 
-def markdown_table(results: list[ConfigResult]) -> str:
-    """Test metric (ROC-AUC × 100) mean ± std over seeds, best per column in bold."""
+def _formatted_rows(results: list[ConfigResult], plus_minus: str, bold: Callable[[str], str],
+                    missing: str) -> tuple[list[str], list[tuple[str, list[str], set[int]]]]:
+    """Datasets, and per configuration its label, test cells (× 100 for ROC-AUC) and seed counts."""
     labels, datasets, cells = table_rows(results)
     best = _best_per_column(labels, datasets, cells)
-    metrics = sorted({r.metric for r in results})
-    header = ["model", *[f"{d} (test {'/'.join(metrics)}{' × 100' if _scale(metrics[0]) == 100 else ''})"
-                         for d in datasets], "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for label in labels:
-        row = [label]
-        seed_counts = set()
+        row, seed_counts = [], set()
         for dataset in datasets:
             result = cells.get((label, dataset))
             if result is None:
-                row.append("–")
+                row.append(missing)
                 continue
             scale = _scale(result.metric)
             mean, std = result.mean_std("test")
-            cell = f"{mean * scale:.2f} ± {std * scale:.2f}"
-            row.append(f"**{cell}**" if (label, dataset) in best else cell)
+            cell = f"{mean * scale:.2f} {plus_minus} {std * scale:.2f}"
+            row.append(bold(cell) if (label, dataset) in best else cell)
             seed_counts.add(len(result.seeds))
-        row.append("/".join(str(c) for c in sorted(seed_counts)))
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append((label, row, seed_counts))
+    return datasets, rows
+
+
+def markdown_table(results: list[ConfigResult]) -> str:
+    """Test metric (ROC-AUC × 100) mean ± std over seeds, best per column in bold."""
+    datasets, rows = _formatted_rows(results, "±", lambda c: f"**{c}**", "–")
+    metrics = sorted({r.metric for r in results})
+    scaled = " × 100" if _scale(metrics[0]) == 100 else ""
+    header = ["model", *[f"{d} (test {'/'.join(metrics)}{scaled})" for d in datasets], "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, cells, seed_counts in rows:
+        seeds = "/".join(str(c) for c in sorted(seed_counts))
+        lines.append("| " + " | ".join([label, *cells, seeds]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def latex_table(results: list[ConfigResult]) -> str:
-    labels, datasets, cells = table_rows(results)
-    best = _best_per_column(labels, datasets, cells)
+    datasets, rows = _formatted_rows(results, r"$\pm$", lambda c: rf"\textbf{{{c}}}", "--")
     lines = [r"\begin{tabular}{l" + "c" * len(datasets) + "}", r"\toprule",
              " & ".join(["Model", *datasets]) + r" \\", r"\midrule"]
-    for label in labels:
-        row = [label.replace("λ", r"$\lambda$").replace("_", r"\_")]
-        for dataset in datasets:
-            result = cells.get((label, dataset))
-            if result is None:
-                row.append("--")
-                continue
-            scale = _scale(result.metric)
-            mean, std = result.mean_std("test")
-            cell = f"{mean * scale:.2f} $\\pm$ {std * scale:.2f}"
-            row.append(rf"\textbf{{{cell}}}" if (label, dataset) in best else cell)
-        lines.append(" & ".join(row) + r" \\")
+    for label, cells, _ in rows:
+        name = label.replace("λ", r"$\lambda$").replace("_", r"\_")
+        lines.append(" & ".join([name, *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
