@@ -45,6 +45,11 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+# Taken once, when this code is imported: the commit of the code that runs, even if the checkout
+# moves on while a long sweep is under way.
+CODE_COMMIT = git_commit()
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -54,7 +59,7 @@ def hardware(device: torch.device) -> str:
 def provenance(device: torch.device) -> dict[str, Any]:
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "commit": git_commit(),
+        "commit": CODE_COMMIT,
         "hardware": hardware(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
