@@ -82,6 +82,15 @@ def test_bad_config_is_one_paragraph_and_exit_2(small_mirror: Path, tmp_path: Pa
     assert not (tmp_path / "data").exists()  # rejected before any data was touched
 
 
+def test_cuda_without_a_gpu_is_a_config_error(small_mirror: Path, tmp_path: Path) -> None:
+    proc = run_cli("trainer.device=cuda", "trainer.epochs=1", "seeds=[0]", cwd=tmp_path,
+                   mirror=small_mirror, data_root=tmp_path / "data")
+    if proc.returncode == 0:
+        pytest.skip("this machine has a CUDA device")
+    assert proc.returncode == 2
+    assert "trainer.device=cuda but this machine has 0 visible CUDA device(s)" in proc.stderr
+
+
 def test_help_lists_the_config_groups(tmp_path: Path) -> None:
     proc = run_cli("--help", cwd=tmp_path, mirror=None, data_root=tmp_path)
     assert proc.returncode == 0

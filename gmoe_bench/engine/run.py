@@ -18,7 +18,7 @@ from gmoe_bench.config import TrainConfig
 from gmoe_bench.data.ogb import MolDataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state
 from gmoe_bench.engine.loop import EpochStats, evaluate, train_epoch
-from gmoe_bench.errors import TrainingError
+from gmoe_bench.errors import ConfigError, TrainingError
 from gmoe_bench.model import build_model
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,17 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"trainer.device={name} but this machine has "
+                          f"{torch.cuda.device_count()} visible CUDA device(s) (torch "
+                          f"{torch.__version__}). Use trainer.device=cpu or auto, or install a "
+                          "CUDA build of torch (make install TORCH_SPEC=...).")
+    return device
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:
