@@ -4,6 +4,8 @@ Checkpoints live in ``trainer.checkpoint_dir/<dataset>/<config id>/``, keyed by 
 computes (not by the timestamped output folder), so re-running the same command finds them:
 
 - ``seed_<s>.pt``: after every epoch, model, optimizer, every RNG state, the curves so far;
+- ``seed_<s>.best.pt``: the model weights of the best validation epoch so far (kept after the
+  seed finishes, for analyses such as ``gmoe-routing``);
 - ``seed_<s>.json``: the seed's final result, once it has finished (the seed is then skipped).
 
 Every file is written to a temporary name and renamed, so a kill never leaves a torn file, and
@@ -61,6 +63,7 @@ class SeedCheckpoint:
         self.directory = directory
         self.state_path = directory / f"seed_{seed}.pt"
         self.result_path = directory / f"seed_{seed}.json"
+        self.best_model_path = directory / f"seed_{seed}.best.pt"
 
     def finished_result(self) -> dict[str, Any] | None:
         if not self.result_path.is_file():
@@ -79,20 +82,27 @@ class SeedCheckpoint:
             return None
 
     def save(self, state: dict[str, Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{self.state_path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _save_atomic(state, self.state_path)
+
+    def save_best_model(self, weights: dict[str, torch.Tensor]) -> None:
+        _save_atomic(weights, self.best_model_path)
 
     def finish(self, result: dict[str, Any]) -> None:
         """Record the seed's result and drop its (now useless) training state."""
         self.directory.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.result_path, result)
         self.state_path.unlink(missing_ok=True)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -20,6 +20,7 @@ from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_
 from gmoe_bench.engine.loop import EpochStats, evaluate, train_epoch
 from gmoe_bench.errors import ConfigError, TrainingError
 from gmoe_bench.model import build_model
+from gmoe_bench.tracking.summary import CODE_COMMIT
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class SeedResult:
     test: float
     wall_seconds: float
     num_parameters: int
+    commit: str | None  # of the code that finished the seed (a resumed seed may have begun earlier)
     epochs: list[EpochRecord]
 
     def to_dict(self) -> dict:
@@ -153,6 +155,8 @@ def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device
         records.append(record)
         if is_better(metric, record.valid, best.valid if best else None):
             best = record
+            # before the checkpoint: a resumed run repeats an epoch whose best weights may be missing
+            checkpoint.save_best_model(model.state_dict())
         log.info("seed %d epoch %d/%d: loss %.4f aux %.4f valid %s %.4f test %.4f (%.1fs)",
                  seed, epoch, t.epochs, record.train_loss, record.aux_loss, metric,
                  record.valid, record.test, record.train_seconds)
@@ -163,4 +167,5 @@ def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device
     assert best is not None
     return SeedResult(seed=seed, best_epoch=best.epoch, valid=best.valid, test=best.test,
                       wall_seconds=time.perf_counter() - start,
-                      num_parameters=sum(p.numel() for p in model.parameters()), epochs=records)
+                      num_parameters=sum(p.numel() for p in model.parameters()),
+                      commit=CODE_COMMIT, epochs=records)
