@@ -14,9 +14,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gmoe_bench.config import check_override_keys, config_identity, describe, validate
+from gmoe_bench.config import check_override_keys, describe, validate
 from gmoe_bench.data.ogb import load_dataset
-from gmoe_bench.engine.checkpoint import SeedCheckpoint
+from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.engine.run import resolve_device, run_seed
 from gmoe_bench.errors import ConfigError, TrainingError, UserError
 from gmoe_bench.tracking.summary import (
@@ -48,8 +48,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     data = load_dataset(typed.dataset)
     model_name = describe(typed)
     config = OmegaConf.to_container(cfg, resolve=True)
-    checkpoints = (Path(typed.trainer.checkpoint_dir).expanduser().resolve() / data.name
-                   / config_identity(config))
+    checkpoints = checkpoint_directory(config, data.name)
     log.info("%s %s on %s: %d train / %d valid / %d test graphs, seeds %s, checkpoints in %s",
              data.name, model_name, device, len(data.split["train"]), len(data.split["valid"]),
              len(data.split["test"]), typed.seeds, checkpoints)

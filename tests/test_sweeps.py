@@ -37,7 +37,13 @@ def test_grid_through_submitit_local_to_report(small_mirror: Path, tmp_path: Pat
     assert all(r.endswith("| 2 |") for r in rows)  # seeds per row
     assert (report / "table.tex").read_text().count(r"\\") == 5
     assert len((report / "table.csv").read_text().splitlines()) == 5
-    for plot in ("metric.png", "valid_curves.png", "routing.png"):
+    details = [line for line in (report / "details.md").read_text().splitlines()
+               if line.startswith("| n=")]
+    assert len(details) == 4 and all(line.count(" | ") == 9 for line in details)
+    entropy = [float(line.split(" | ")[8]) for line in details]
+    assert all(0.0 < e <= 1.0 for e in entropy)  # n=2, k=2: both experts for every node, 1.0
+    assert entropy[1] == 1.0
+    for plot in ("metric.png", "valid_curves.png", "routing.png", "routing_entropy.png"):
         assert (report / plot).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gmoe_bench.config import config_identity
 from gmoe_bench.tracking.summary import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ def restore_rng_state(state: dict[str, Any], shuffle: torch.Generator) -> None:
     shuffle.set_state(state["shuffle"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_directory(config: dict[str, Any], dataset: str) -> Path:
+    """Where the seeds of ``config`` (the resolved config tree) on ``dataset`` keep their files."""
+    root = Path(config["trainer"]["checkpoint_dir"]).expanduser().resolve()
+    return root / dataset / config_identity(config)
 
 
 class SeedCheckpoint:

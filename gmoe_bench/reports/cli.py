@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
-from gmoe_bench.reports.plots import metric_per_config, routing_heatmaps, validation_curves
-from gmoe_bench.reports.table import collect, latex_table, markdown_table, write_csv
+import torch
+from omegaconf import OmegaConf
+from torch_geometric.loader import DataLoader
+
+from gmoe_bench.config import validate
+from gmoe_bench.data.ogb import MolDataset, load_dataset
+from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
+from gmoe_bench.errors import UserError
+from gmoe_bench.model import build_model
+from gmoe_bench.reports.plots import (
+    entropy_curves,
+    metric_per_config,
+    routing_heatmaps,
+    validation_curves,
+)
+from gmoe_bench.reports.routing import (
+    RoutingAnalysis,
+    markdown_report,
+    plot_report,
+    routing_counts,
+)
+from gmoe_bench.reports.table import (
+    ConfigResult,
+    collect,
+    details_table,
+    latex_table,
+    markdown_table,
+    write_csv,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="gmoe-report",
         description="Collect the summary.json files under the given folders (runs or sweeps; seeds "
                     "of one configuration spread over several jobs are merged) and write table.md, "
-                    "table.csv, table.tex, metric.png, valid_curves.png and routing.png.")
+                    "table.csv, table.tex, details.md (validation, best epoch, parameters, "
+                    "routing entropy), metric.png, valid_curves.png, routing.png and "
+                    "routing_entropy.png.")
     parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the table and plots")
     parser.add_argument("--title", default=None, help="heading of table.md")
@@ -37,12 +67,89 @@ def main(argv: list[str] | None = None) -> int:
     title = f"# {args.title}\n\n" if args.title else ""
     (args.out / "table.md").write_text(title + table)
     (args.out / "table.tex").write_text(latex_table(results))
+    (args.out / "details.md").write_text(title + details_table(results))
     write_csv(results, args.out / "table.csv")
     metric_per_config(results, args.out / "metric.png")
     validation_curves(results, args.out / "valid_curves.png")
     routing_heatmaps(results, args.out / "routing.png")
+    entropy_curves(results, args.out / "routing_entropy.png")
     print(table, end="")
     print(f"{len(results)} configurations, written to {args.out}")
+    return 0
+
+
+def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
+                    checkpoint_root: Path | None) -> RoutingAnalysis:
+    """Load every seed's best-validation weights and tally its routing on ``split``."""
+    cfg = validate(OmegaConf.create(result.config))
+    config = result.config
+    if checkpoint_root is not None:
+        config = {**config, "trainer": {**config["trainer"], "checkpoint_dir": str(checkpoint_root)}}
+    directory = checkpoint_directory(config, result.dataset)
+    loader = DataLoader(data.graphs[data.split[split]], batch_size=cfg.trainer.eval_batch_size)
+    counts = []
+    for seed in sorted(s["seed"] for s in result.seeds):
+        path = SeedCheckpoint(directory, seed).best_model_path
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: the best-validation weights of seed {seed} of "
+                            f"'{result.label}' are not there. They are kept by gmoe-train since "
+                            "commit 94a5e0c: for a run made before, delete the seed's .json next to it "
+                            "and re-run the same command; if the checkpoints were moved, pass "
+                            "--checkpoint-dir.")
+        model = build_model(cfg.model, cfg.moe, data.num_tasks)
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        counts.append(routing_counts(model, loader, torch.device("cpu")))
+    return RoutingAnalysis(result.label, result.dataset, cfg.moe.num_hop2,
+                           sorted(s["seed"] for s in result.seeds), counts)
+
+
+def routing_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gmoe-routing",
+        description="Relate the routing of trained GMoE models to atom structure (element, degree, "
+                    "ring membership): for every GMoE configuration under the given folders, load "
+                    "each seed's best-validation weights (kept in trainer.checkpoint_dir), route "
+                    "the chosen split without gate noise, and write routing_structure.md/.json, "
+                    "routing_structure.png (Cramér's V per layer) and routing_classes.png.")
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report")
+    parser.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="checkpoint root, if not the runs' trainer.checkpoint_dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    missing = [d for d in args.dirs if not d.exists()]
+    if missing:
+        print(f"gmoe-routing: error: {', '.join(map(str, missing))} does not exist.", file=sys.stderr)
+        return 2
+    # k = n routes every node to every expert: there is no choice to relate to structure.
+    results = [r for r in collect(args.dirs)
+               if 0 < r.config["moe"]["top_k"] < r.config["moe"]["num_experts"]]
+    if not results:
+        print(f"gmoe-routing: error: no GMoE run with top_k < num_experts and a finished seed under "
+              f"{', '.join(map(str, args.dirs))}.", file=sys.stderr)
+        return 2
+    datasets: dict[str, MolDataset] = {}
+    analyses = []
+    try:
+        for result in results:
+            if result.dataset not in datasets:
+                datasets[result.dataset] = load_dataset(validate(OmegaConf.create(result.config)).dataset)
+            analyses.append(analyse_routing(result, datasets[result.dataset], args.split,
+                                            args.checkpoint_dir))
+    except UserError as err:
+        print(f"gmoe-routing: error: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = markdown_report(analyses, args.split)
+    (args.out / "routing_structure.md").write_text(report)
+    (args.out / "routing_structure.json").write_text(
+        json.dumps([a.to_dict() for a in analyses], indent=1))
+    plot_report(analyses, str(args.out / "routing_structure.png"),
+                str(args.out / "routing_classes.png"))
+    print(report, end="")
+    print(f"{len(analyses)} configurations, written to {args.out}")
     return 0
 
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from gmoe_bench.reports.table import ConfigResult
+from gmoe_bench.reports.table import ConfigResult, routing_entropy
 
 
 def metric_per_config(results: list[ConfigResult], path: Path) -> None:
@@ -80,6 +80,28 @@ def routing_heatmaps(results: list[ConfigResult], path: Path) -> bool:
         ax.set_ylabel("layer")
         ax.set_title(f"{r.dataset}\n{r.label}", fontsize="small")
         fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def entropy_curves(results: list[ConfigResult], path: Path) -> bool:
+    """Routing entropy (mean over layers and seeds) per epoch, one line per GMoE configuration:
+    a falling line is the gate collapsing onto fewer experts. False (no file) without GMoE."""
+    moe = [r for r in results if r.seeds[0]["epochs"][-1]["routing"]]
+    if not moe:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in moe:
+        length = min(len(s["epochs"]) for s in r.seeds)
+        curves = np.array([[routing_entropy(e["routing"]) for e in s["epochs"][:length]]
+                           for s in r.seeds])
+        ax.plot(np.arange(1, length + 1), curves.mean(0), label=f"{r.dataset} {r.label}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("routing entropy (1 = uniform over experts)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

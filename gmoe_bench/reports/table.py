@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 # How config keys are written in row names; keys not listed appear in full.
 SHORT_NAMES = {"model.backbone": "", "moe.num_experts": "n", "moe.num_hop2": "m", "moe.top_k": "k",
                "moe.loss_weight": "λ", "moe.dispatch": "dispatch", "moe.combine": "combine",
-               "model.hidden_dim": "hidden", "dataset.drop_node_p": "drop"}
+               "model.hidden_dim": "hidden", "dataset.drop_node_p": "drop",
+               "moe.scale_hidden": "scale_hidden"}
 # Keys that never name a row: execution details, and the dataset (it is the column).
 IGNORED_PREFIXES = (*EXECUTION_KEYS, "dataset.name")
 
@@ -180,3 +181,51 @@ def write_csv(results: list[ConfigResult], path: Path) -> None:
             writer.writerow([r.label, r.dataset, r.metric, len(r.seeds), f"{valid[0]:.6f}",
                              f"{valid[1]:.6f}", f"{test[0]:.6f}", f"{test[1]:.6f}",
                              " ".join(str(s["seed"]) for s in r.seeds)])
+
+
+def routing_entropy(shares: list[list[float]]) -> float:
+    r"""Entropy of expert usage :math:`-\sum_e p_e \log p_e / \log n`, mean over layers.
+
+    ``shares`` [L][n] are the routing shares of one epoch. 1 when every expert gets the same share;
+    :math:`\log k / \log n` when the gate has collapsed onto k experts (each node picks k distinct
+    experts, so k experts is as narrow as routing gets).
+    """
+    p = np.asarray(shares, dtype=float)  # [L, n]
+    if p.shape[1] < 2:
+        return 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p), 0.0)
+    return float((-terms.sum(1) / np.log(p.shape[1])).mean())
+
+
+def hop2_share(shares: list[list[float]], num_hop2: int) -> float:
+    """Share of (node, expert) assignments that went to the last ``num_hop2`` experts, mean over
+    layers."""
+    p = np.asarray(shares, dtype=float)
+    return float(p[:, p.shape[1] - num_hop2:].sum(1).mean()) if num_hop2 else 0.0
+
+
+def details_table(results: list[ConfigResult]) -> str:
+    """One row per (configuration, dataset): validation and test metric, best epoch, parameters,
+    and for GMoE the routing entropy and hop-2 share at each seed's best epoch (mean over seeds)."""
+    header = ["model", "dataset", "seeds", "epochs", "valid", "test", "best epoch (min–max)",
+              "parameters", "routing entropy", "hop-2 share"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        scale = _scale(r.metric)
+        valid, test = r.mean_std("valid"), r.mean_std("test")
+        best = [s["best_epoch"] for s in r.seeds]
+        at_best = [s["epochs"][s["best_epoch"] - 1]["routing"] for s in r.seeds]
+        entropy = share = "–"
+        if at_best[0]:
+            num_hop2 = r.config["moe"]["num_hop2"]
+            entropy = f"{np.mean([routing_entropy(x) for x in at_best]):.3f}"
+            share = f"{np.mean([hop2_share(x, num_hop2) for x in at_best]):.3f}"
+        epochs = "/".join(str(n) for n in sorted({len(s["epochs"]) for s in r.seeds}))
+        params = "/".join(f"{n:,}" for n in sorted({s["num_parameters"] for s in r.seeds}))
+        lines.append("| " + " | ".join([
+            r.label, r.dataset, str(len(r.seeds)), epochs,
+            f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}",
+            f"{test[0] * scale:.2f} ± {test[1] * scale:.2f}",
+            f"{np.mean(best):.1f} ({min(best)}–{max(best)})", params, entropy, share]) + " |")
+    return "\n".join(lines) + "\n"

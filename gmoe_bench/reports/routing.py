@@ -1,0 +1,218 @@
+"""Does routing follow molecular structure? Expert choices of trained GMoE models per atom class.
+
+For every node of a split and every GMoE layer, the gate's (noise-free) top-k experts are tallied
+against three atom properties read from OGB's features: element (C, N, O, other), degree (number
+of bonds) and ring membership. Per layer and property the association between class and expert is
+Cramér's V over (node, chosen expert) pairs,
+
+.. math::
+    V = \\sqrt{\\frac{\\chi^2 / N}{\\min(r - 1, c - 1)}},
+
+0 when every class spreads over the experts alike, 1 when the class fixes the expert; and the share
+of each class's assignments that go to hop-2 experts. Both are invariant to how experts are
+numbered, so they are averaged over seeds (an expert index means nothing across seeds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch_geometric.loader import DataLoader
+from torch_geometric.utils import degree
+
+from gmoe_bench.model import MolGNN
+from gmoe_bench.model.moe import GMoELayer
+
+# OGB atom features (ogb.utils.features): column 0 is atomic number - 1, column 8 is "in ring".
+ATOMIC_NUM_COLUMN, IN_RING_COLUMN = 0, 8
+
+
+@dataclass(frozen=True)
+class AtomProperty:
+    name: str
+    classes: tuple[str, ...]
+    classify: Callable[[Tensor, Tensor], Tensor]  # (x [N, 9], bonds per atom [N]) -> class [N]
+
+
+def _element(x: Tensor, bonds: Tensor) -> Tensor:
+    atomic_num = x[:, ATOMIC_NUM_COLUMN] + 1
+    out = torch.full_like(atomic_num, 3)  # other
+    for cls, z in enumerate((6, 7, 8)):  # C, N, O
+        out[atomic_num == z] = cls
+    return out
+
+
+def _degree(x: Tensor, bonds: Tensor) -> Tensor:
+    return (bonds.clamp(min=1, max=4) - 1).long()  # isolated atoms counted with degree 1
+
+
+def _ring(x: Tensor, bonds: Tensor) -> Tensor:
+    return x[:, IN_RING_COLUMN].long()
+
+
+PROPERTIES = (
+    AtomProperty("element", ("C", "N", "O", "other"), _element),
+    AtomProperty("degree", ("≤1", "2", "3", "≥4"), _degree),
+    AtomProperty("ring", ("chain", "ring"), _ring),
+)
+
+
+def cramers_v(table: np.ndarray) -> float:
+    """Cramér's V of a contingency table (rows: classes, columns: experts); empty rows/columns
+    are dropped, and a table with a single row or column gives 0."""
+    table = table[table.sum(1) > 0][:, table.sum(0) > 0].astype(float)
+    if min(table.shape) < 2:
+        return 0.0
+    total = table.sum()
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / total
+    chi2 = ((table - expected) ** 2 / expected).sum()
+    return float(np.sqrt(chi2 / total / (min(table.shape) - 1)))
+
+
+@torch.no_grad()
+def routing_counts(model: MolGNN, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
+    """Per property, counts [L, classes, n] of (node, chosen expert) pairs in evaluation mode."""
+    layers = [m for m in model.layers if isinstance(m, GMoELayer)]
+    if not layers:
+        raise ValueError("the model has no GMoE layers")
+    num_experts = layers[0].num_experts
+    counts = {p.name: np.zeros((len(layers), len(p.classes), num_experts), dtype=np.int64)
+              for p in PROPERTIES}
+    chosen: list[Tensor] = []
+    hooks = [layer.gate.register_forward_hook(lambda _m, _i, out: chosen.append(out.top_index))
+             for layer in layers]
+    model.eval()
+    try:
+        for batch in loader:
+            batch = batch.to(device)
+            chosen.clear()
+            model(batch.x, batch.edge_index, batch.edge_attr, batch.batch, batch.num_graphs)
+            bonds = degree(batch.edge_index[0], batch.num_nodes)
+            for prop in PROPERTIES:
+                cls = prop.classify(batch.x, bonds)  # [N]
+                for layer, top_index in enumerate(chosen):  # top_index: [N, k]
+                    k = top_index.size(1)
+                    flat = cls.repeat_interleave(k) * num_experts + top_index.flatten()
+                    tally = torch.bincount(flat, minlength=len(prop.classes) * num_experts)
+                    counts[prop.name][layer] += tally.view(len(prop.classes), -1).cpu().numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+def structure_statistics(counts: dict[str, np.ndarray], num_hop2: int) -> dict[str, dict]:
+    """Per property: Cramér's V per layer, and per layer and class the share going to hop-2."""
+    stats = {}
+    for name, table in counts.items():  # table: [L, classes, n]
+        per_class = table.sum(2).clip(min=1)
+        hop2 = table[:, :, table.shape[2] - num_hop2:].sum(2) / per_class if num_hop2 else \
+            np.zeros(per_class.shape)
+        stats[name] = {"cramers_v": [cramers_v(layer) for layer in table],
+                       "hop2_share": hop2.tolist(),
+                       "class_pairs": table.sum(2).tolist()}
+    return stats
+
+
+@dataclass
+class RoutingAnalysis:
+    """The structure statistics of one configuration, per seed."""
+
+    label: str
+    dataset: str
+    num_hop2: int
+    seeds: list[int]
+    counts: list[dict[str, np.ndarray]]  # per seed: property -> [L, classes, n]
+
+    def statistics(self) -> list[dict[str, dict]]:
+        return [structure_statistics(c, self.num_hop2) for c in self.counts]
+
+    def mean_cramers_v(self, prop: str) -> tuple[np.ndarray, np.ndarray]:  # [L] mean, std over seeds
+        values = np.array([s[prop]["cramers_v"] for s in self.statistics()])
+        return values.mean(0), values.std(0)
+
+    def hop2_share_by_class(self, prop: str) -> np.ndarray:  # [classes], mean over layers and seeds
+        return np.mean([np.mean(s[prop]["hop2_share"], axis=0) for s in self.statistics()], axis=0)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "dataset": self.dataset, "num_hop2": self.num_hop2,
+                "seeds": self.seeds,
+                "per_seed": [{"seed": seed, "counts": {k: v.tolist() for k, v in counts.items()},
+                              "statistics": stats}
+                             for seed, counts, stats in zip(self.seeds, self.counts,
+                                                            self.statistics(), strict=True)]}
+
+
+def markdown_report(analyses: list[RoutingAnalysis], split: str) -> str:
+    lines = [f"Routing against atom structure on the {split} split (gate without noise, every "
+             "(atom, chosen expert) pair counted). Cramér's V between atom class and expert per "
+             "layer, mean ± std over seeds: 0 = every class routed alike, 1 = the class fixes the "
+             "expert.", ""]
+    for a in analyses:
+        num_layers = len(a.mean_cramers_v(PROPERTIES[0].name)[0])
+        lines += [f"### {a.dataset}: {a.label} (seeds {', '.join(map(str, a.seeds))})", "",
+                  "| property | " + " | ".join(f"layer {i + 1}" for i in range(num_layers)) + " |",
+                  "|---|" + "---|" * num_layers]
+        for prop in PROPERTIES:
+            mean, std = a.mean_cramers_v(prop.name)
+            lines.append(f"| {prop.name} | " + " | ".join(f"{m:.3f} ± {s:.3f}"
+                                                          for m, s in zip(mean, std, strict=True)) + " |")
+        num_experts = a.counts[0][PROPERTIES[0].name].shape[2]
+        if 0 < a.num_hop2 < num_experts:
+            lines += ["", "Share of assignments going to hop-2 experts, mean over layers and seeds "
+                      f"(hop-2 experts are {a.num_hop2} of {num_experts}):", ""]
+            for prop in PROPERTIES:
+                shares = a.hop2_share_by_class(prop.name)
+                lines.append(f"- {prop.name}: " + ", ".join(
+                    f"{c} {s:.3f}" for c, s in zip(prop.classes, shares, strict=True)))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_report(analyses: list[RoutingAnalysis], path_v: str, path_classes: str) -> None:
+    """Cramér's V per layer (one row per configuration) and, for each configuration's first seed,
+    the expert shares of every (layer, class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PROPERTIES), figsize=(5 * len(PROPERTIES), 3.8), squeeze=False)
+    for ax, prop in zip(axes[0], PROPERTIES, strict=True):
+        for a in analyses:
+            mean, std = a.mean_cramers_v(prop.name)
+            layers = np.arange(1, len(mean) + 1)
+            ax.errorbar(layers, mean, yerr=std, marker="o", capsize=3, label=a.label)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("Cramér's V (class, expert)")
+        ax.set_title(f"routing vs {prop.name}")
+        ax.set_ylim(0, None)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path_v, dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(analyses), len(PROPERTIES),
+                             figsize=(4.5 * len(PROPERTIES), 4.5 * len(analyses)), squeeze=False)
+    for row, a in zip(axes, analyses, strict=True):
+        for ax, prop in zip(row, PROPERTIES, strict=True):
+            table = a.counts[0][prop.name]  # [L, classes, n]
+            shares = table / table.sum(2, keepdims=True).clip(min=1)
+            image = ax.imshow(shares.reshape(-1, shares.shape[2]), cmap="viridis", vmin=0,
+                              aspect="auto")
+            ax.set_yticks(np.arange(shares.shape[0] * shares.shape[1]),
+                          [f"L{layer + 1} {c}" for layer in range(shares.shape[0])
+                           for c in prop.classes], fontsize=6)
+            num_experts = shares.shape[2]
+            if 0 < a.num_hop2 < num_experts:
+                ax.axvline(num_experts - a.num_hop2 - 0.5, color="white", linewidth=2)
+            ax.set_xlabel("expert (right of the line: hop-2)" if a.num_hop2 else "expert")
+            ax.set_title(f"{a.label}, seed {a.seeds[0]}: {prop.name}", fontsize="small")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path_classes, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""Best-validation weights, the routing-structure analysis (gmoe-routing) and routing entropy."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ogb.graphproppred import Evaluator
+from omegaconf import OmegaConf
+from torch_geometric.loader import DataLoader
+
+from gmoe_bench.config import validate
+from gmoe_bench.data.ogb import load_dataset
+from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
+from gmoe_bench.engine.loop import evaluate
+from gmoe_bench.model import build_model
+from gmoe_bench.reports.cli import routing_main
+from gmoe_bench.reports.routing import cramers_v
+from gmoe_bench.reports.table import hop2_share, routing_entropy
+from gmoe_bench.train import train
+from tests.test_robustness import compose_cfg
+
+GMOE = ("moe=gmoe", "moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2", "model.hidden_dim=32",
+        "trainer.epochs=3")
+
+
+@pytest.fixture(scope="module")
+def gmoe_run(small_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-seed GMoE run on the small dataset; returns its output folder."""
+    tmp_path = tmp_path_factory.mktemp("gmoe_run")
+    (tmp_path / "run").mkdir()
+    train(compose_cfg(tmp_path, small_mirror, "seeds=[0,1]", *GMOE), tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_best_weights_give_the_best_validation_metric(gmoe_run: Path) -> None:
+    summary = json.loads((gmoe_run / "summary.json").read_text())
+    cfg = validate(OmegaConf.create(summary["config"]))
+    data = load_dataset(cfg.dataset)
+    for seed in summary["seeds"]:
+        path = SeedCheckpoint(checkpoint_directory(summary["config"], data.name),
+                              seed["seed"]).best_model_path
+        model = build_model(cfg.model, cfg.moe, data.num_tasks)
+        model.load_state_dict(torch.load(path))
+        loader = DataLoader(data.graphs[data.split["valid"]], batch_size=256)
+        valid = evaluate(model, loader, Evaluator(data.name), torch.device("cpu"), progress=False)
+        assert valid == pytest.approx(seed["valid"], abs=1e-6)
+        assert seed["commit"] is None or len(seed["commit"]) >= 40
+
+
+def test_routing_report_counts_every_atom(gmoe_run: Path, tmp_path: Path) -> None:
+    assert routing_main([str(gmoe_run), "--out", str(tmp_path / "r"), "--split", "test"]) == 0
+    report = json.loads((tmp_path / "r" / "routing_structure.json").read_text())
+    assert len(report) == 1 and [s["seed"] for s in report[0]["per_seed"]] == [0, 1]
+    summary = json.loads((gmoe_run / "summary.json").read_text())
+    data = load_dataset(validate(OmegaConf.create(summary["config"])).dataset)
+    test_atoms = sum(data.graphs[int(i)].num_nodes for i in data.split["test"])
+    for seed in report[0]["per_seed"]:
+        for prop, counts in seed["counts"].items():
+            counts = np.array(counts)  # [layers, classes, experts]
+            assert counts.shape[0] == 5 and counts.shape[2] == 4
+            assert (counts.sum((1, 2)) == 2 * test_atoms).all(), prop  # k = 2 pairs per atom
+            stats = seed["statistics"][prop]
+            assert all(0.0 <= v <= 1.0 for v in stats["cramers_v"])
+            pairs, hop2 = np.array(stats["class_pairs"]), np.array(stats["hop2_share"])
+            np.testing.assert_allclose((hop2 * pairs).sum(1), counts[:, :, 2:].sum((1, 2)))
+    ring = np.array(report[0]["per_seed"][0]["counts"]["ring"]).sum((0, 2))
+    assert ring[0] > 0 and ring[1] > 0  # the small dataset has chain and ring atoms
+    md = (tmp_path / "r" / "routing_structure.md").read_text()
+    assert "| ring |" in md and "hop-2 experts are 2 of 4" in md
+    for plot in ("routing_structure.png", "routing_classes.png"):
+        assert (tmp_path / "r" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_routing_report_without_weights_names_the_fix(gmoe_run: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    code = routing_main([str(gmoe_run), "--out", str(tmp_path / "r"),
+                         "--checkpoint-dir", str(tmp_path / "elsewhere")])
+    err = capsys.readouterr().err
+    assert code == 2 and "seed_0.best.pt does not exist" in err and "--checkpoint-dir" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cramers_v() -> None:
+    assert cramers_v(np.diag([5, 7, 9])) == pytest.approx(1.0)
+    assert cramers_v(np.outer([1, 2, 3], [4, 5])) == pytest.approx(0.0)
+    assert cramers_v(np.array([[3], [4]])) == 0.0  # one expert used: nothing to associate
+    partial = cramers_v(np.array([[8, 2], [2, 8]]))
+    assert 0.0 < partial < 1.0
+
+
+def test_routing_entropy_and_hop2_share() -> None:
+    uniform = [[0.25] * 4, [0.25] * 4]
+    assert routing_entropy(uniform) == pytest.approx(1.0)
+    collapsed = [[0.5, 0.5, 0.0, 0.0]]  # k = 2 of n = 4, always the same two experts
+    assert routing_entropy(collapsed) == pytest.approx(math.log(2) / math.log(4))
+    assert hop2_share([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]], num_hop2=1) == pytest.approx(0.25)
+    assert hop2_share(uniform, num_hop2=0) == 0.0
