@@ -14,7 +14,7 @@ ifneq ($(wildcard ../shared/data/ogb),)
 export GMOE_DATA_MIRROR ?= $(abspath ../shared/data/ogb)
 endif
 
-.PHONY: help install train test lint sweep report bench reproduce-molbbbp reproduce-molhiv clean
+.PHONY: help install train test lint sweep report bench reproduce-molbbbp reproduce-molhiv analyses clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -49,6 +49,13 @@ reproduce-molhiv: $(STAMP)  ## the paper's ogbg-molhiv table (use a GPU: ARGS="t
 	$(BIN)/gmoe-train -m +experiment=paper_baselines dataset=ogbg-molhiv hydra.sweep.dir=multirun/paper_molhiv/baselines $(ARGS)
 	$(BIN)/gmoe-train -m +experiment=paper_molhiv hydra.sweep.dir=multirun/paper_molhiv/search $(ARGS)
 	$(BIN)/gmoe-report multirun/paper_molhiv --out results/paper_molhiv
+
+analyses: $(STAMP)  ## hop split, λ and equal-parameter comparisons on ogbg-molbbbp, reported (ARGS="trainer.epochs=30")
+	$(BIN)/gmoe-train -m +experiment=analysis_hops hydra.sweep.dir=multirun/analysis_molbbbp/hops $(ARGS)
+	$(BIN)/gmoe-train -m +experiment=analysis_lambda hydra.sweep.dir=multirun/analysis_molbbbp/lambda $(ARGS)
+	$(BIN)/gmoe-train -m +experiment=analysis_capacity hydra.sweep.dir=multirun/analysis_molbbbp/capacity $(ARGS)
+	for a in hops lambda capacity; do $(BIN)/gmoe-report multirun/analysis_molbbbp/$$a --out results/analysis_molbbbp/$$a || exit 1; done
+	$(BIN)/gmoe-routing multirun/analysis_molbbbp/hops --out results/analysis_molbbbp/routing
 
 bench: $(STAMP)  ## speed benchmark (step times over the GMoE grid, hop-2, data loading) -> results/bench/
 	$(BIN)/python scripts/bench.py $(ARGS)
