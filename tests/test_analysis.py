@@ -19,8 +19,9 @@ from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.engine.loop import evaluate
 from gmoe_bench.model import build_model
 from gmoe_bench.reports.cli import routing_main
+from gmoe_bench.reports.paper import comparison_table
 from gmoe_bench.reports.routing import cramers_v
-from gmoe_bench.reports.table import hop2_share, routing_entropy
+from gmoe_bench.reports.table import ConfigResult, hop2_share, routing_entropy
 from gmoe_bench.train import train
 from tests.test_robustness import compose_cfg
 
@@ -100,3 +101,21 @@ def test_routing_entropy_and_hop2_share() -> None:
     assert routing_entropy(collapsed) == pytest.approx(math.log(2) / math.log(4))
     assert hop2_share([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]], num_hop2=1) == pytest.approx(0.25)
     assert hop2_share(uniform, num_hop2=0) == 0.0
+
+
+def test_comparison_with_the_paper() -> None:
+    def result(backbone: str, experts: int, tests: list[float]) -> ConfigResult:
+        seeds = [{"seed": i, "valid": 0.9, "test": t, "epochs": [{}] * 100}
+                 for i, t in enumerate(tests)]
+        return ConfigResult("ogbg-molbbbp", backbone, "rocauc",
+                            {"model": {"backbone": backbone}, "moe": {"num_experts": experts}},
+                            seeds, label=backbone)
+
+    wide = result("gcn", 0, [0.70])
+    wide.label = "hidden=440"
+    rows = comparison_table([result("gcn", 0, [0.68, 0.70]), result("gin", 8, [0.60, 0.62]), wide])
+    gcn, gmoe_gin, wide_row = rows.splitlines()[2:]
+    assert wide_row.startswith("| GCN (hidden=440) | ogbg-molbbbp | 1 | 100 | 70.00 ± 0.00 |")
+    assert gcn == ("| GCN | ogbg-molbbbp | 2 | 100 | 69.00 ± 1.00 | 68.87 ± 1.51 | +0.13 | "
+                   "yes |")
+    assert gmoe_gin.startswith("| GMoE-GIN |") and "| 66.93 ± 1.72 | -5.93 | no |" in gmoe_gin

@@ -17,6 +17,7 @@ from gmoe_bench.data.ogb import MolDataset, load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.errors import UserError
 from gmoe_bench.model import build_model
+from gmoe_bench.reports.paper import comparison_table
 from gmoe_bench.reports.plots import (
     entropy_curves,
     metric_per_config,
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Collect the summary.json files under the given folders (runs or sweeps; seeds "
                     "of one configuration spread over several jobs are merged) and write table.md, "
                     "table.csv, table.tex, details.md (validation, best epoch, parameters, "
-                    "routing entropy), metric.png, valid_curves.png, routing.png and "
-                    "routing_entropy.png.")
+                    "routing entropy), paper.md (next to the paper's figures), metric.png, "
+                    "valid_curves.png, routing.png and routing_entropy.png.")
     parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the table and plots")
     parser.add_argument("--title", default=None, help="heading of table.md")
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text(title + table)
     (args.out / "table.tex").write_text(latex_table(results))
     (args.out / "details.md").write_text(title + details_table(results))
+    (args.out / "paper.md").write_text(title + comparison_table(results))
     write_csv(results, args.out / "table.csv")
     metric_per_config(results, args.out / "metric.png")
     validation_curves(results, args.out / "valid_curves.png")

@@ -1,0 +1,44 @@
+"""The paper's figures (Wang et al., 2023, ROC-AUC × 100, mean ± std over 10 seeds) and how a
+collected result compares with them."""
+
+from __future__ import annotations
+
+from gmoe_bench.reports.table import ConfigResult
+
+# (dataset, model family) -> (mean, std)
+PAPER = {
+    ("ogbg-molbbbp", "GCN"): (68.87, 1.51),
+    ("ogbg-molbbbp", "GMoE-GCN"): (70.28, 1.36),
+    ("ogbg-molbbbp", "GIN"): (65.5, 1.8),
+    ("ogbg-molbbbp", "GMoE-GIN"): (66.93, 1.72),
+    ("ogbg-molhiv", "GCN"): (76.06, 0.97),
+    ("ogbg-molhiv", "GMoE-GCN"): (77.87, 1.03),
+    ("ogbg-molhiv", "GIN"): (75.4, 1.5),
+    ("ogbg-molhiv", "GMoE-GIN"): (76.14, 1.03),
+}
+
+
+def family(result: ConfigResult) -> str:
+    backbone = result.config["model"]["backbone"].upper()
+    return f"GMoE-{backbone}" if result.config["moe"]["num_experts"] > 0 else backbone
+
+
+def comparison_table(results: list[ConfigResult]) -> str:
+    """Ours next to the paper's figure of the same model family: the difference, and whether the
+    paper's mean lies within our mean ± std over seeds."""
+    header = ["model", "dataset", "seeds", "epochs", "ours (test)", "paper", "ours − paper",
+              "paper inside our mean ± std"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        paper = PAPER.get((r.dataset, family(r)))
+        if paper is None or r.metric != "rocauc":
+            continue
+        mean, std = (100 * v for v in r.mean_std("test"))
+        epochs = "/".join(str(n) for n in sorted({len(s["epochs"]) for s in r.seeds}))
+        inside = "yes" if abs(mean - paper[0]) <= std else "no"
+        name = family(r) if r.label == r.config["model"]["backbone"] else f"{family(r)} ({r.label})"
+        lines.append("| " + " | ".join([
+            name, r.dataset, str(len(r.seeds)), epochs,
+            f"{mean:.2f} ± {std:.2f}", f"{paper[0]:.2f} ± {paper[1]:.2f}",
+            f"{mean - paper[0]:+.2f}", inside]) + " |")
+    return "\n".join(lines) + "\n"
