@@ -20,7 +20,7 @@ from gmoe_bench.engine.loop import evaluate
 from gmoe_bench.model import build_model
 from gmoe_bench.reports.cli import routing_main
 from gmoe_bench.reports.paper import comparison_table
-from gmoe_bench.reports.routing import cramers_v
+from gmoe_bench.reports.routing import chance_v, cramers_v
 from gmoe_bench.reports.table import ConfigResult, hop2_share, routing_entropy
 from gmoe_bench.train import train
 from tests.test_robustness import compose_cfg
@@ -72,7 +72,7 @@ def test_routing_report_counts_every_atom(gmoe_run: Path, tmp_path: Path) -> Non
     ring = np.array(report[0]["per_seed"][0]["counts"]["ring"]).sum((0, 2))
     assert ring[0] > 0 and ring[1] > 0  # the small dataset has chain and ring atoms
     md = (tmp_path / "r" / "routing_structure.md").read_text()
-    assert "| ring |" in md and "hop-2 experts are 2 of 4" in md
+    assert "| ring (chance ≤ " in md and "hop-2 experts are 2 of 4" in md
     for plot in ("routing_structure.png", "routing_classes.png"):
         assert (tmp_path / "r" / plot).read_bytes()[:4] == b"\x89PNG"
 
@@ -92,6 +92,11 @@ def test_cramers_v() -> None:
     assert cramers_v(np.array([[3], [4]])) == 0.0  # one expert used: nothing to associate
     partial = cramers_v(np.array([[8, 2], [2, 8]]))
     assert 0.0 < partial < 1.0
+    rng = np.random.default_rng(0)
+    independent = np.zeros((4, 8), dtype=int)
+    np.add.at(independent, (rng.integers(0, 4, 20000), rng.integers(0, 8, 20000)), 1)
+    assert cramers_v(independent) < chance_v(independent, top_k=1) * 1.5
+    assert chance_v(independent, top_k=1) == pytest.approx(np.sqrt(21 / (20000 * 3)))
 
 
 def test_routing_entropy_and_hop2_share() -> None:

@@ -101,7 +101,7 @@ def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
         model = build_model(cfg.model, cfg.moe, data.num_tasks)
         model.load_state_dict(torch.load(path, map_location="cpu"))
         counts.append(routing_counts(model, loader, torch.device("cpu")))
-    return RoutingAnalysis(result.label, result.dataset, cfg.moe.num_hop2,
+    return RoutingAnalysis(result.label, result.dataset, cfg.moe.num_hop2, cfg.moe.top_k,
                            sorted(s["seed"] for s in result.seeds), counts)
 
 

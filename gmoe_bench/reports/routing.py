@@ -1,4 +1,4 @@
-"""Does routing follow molecular structure? Expert choices of trained GMoE models per atom class.
+r"""Does routing follow molecular structure? Expert choices of trained GMoE models per atom class.
 
 For every node of a split and every GMoE layer, the gate's (noise-free) top-k experts are tallied
 against three atom properties read from OGB's features: element (C, N, O, other), degree (number
@@ -6,7 +6,7 @@ of bonds) and ring membership. Per layer and property the association between cl
 Cramér's V over (node, chosen expert) pairs,
 
 .. math::
-    V = \\sqrt{\\frac{\\chi^2 / N}{\\min(r - 1, c - 1)}},
+    V = \sqrt{\frac{\chi^2 / N}{\min(r - 1, c - 1)}},
 
 0 when every class spreads over the experts alike, 1 when the class fixes the expert; and the share
 of each class's assignments that go to hop-2 experts. Both are invariant to how experts are
@@ -105,6 +105,18 @@ def routing_counts(model: MolGNN, loader: DataLoader, device: torch.device) -> d
     return counts
 
 
+def chance_v(table: np.ndarray, top_k: int) -> float:
+    r"""Cramér's V expected from independence alone, :math:`\sqrt{(r-1)(c-1) / (N \min(r-1, c-1))}`
+    (E[χ²] = degrees of freedom), counting N as atoms, not pairs: an atom's k pairs are not
+    independent draws, so this is the conservative (higher) level."""
+    table = table[table.sum(1) > 0][:, table.sum(0) > 0]
+    if min(table.shape) < 2:
+        return 0.0
+    rows, cols = table.shape
+    atoms = table.sum() / top_k
+    return float(np.sqrt((rows - 1) * (cols - 1) / (atoms * (min(rows, cols) - 1))))
+
+
 def structure_statistics(counts: dict[str, np.ndarray], num_hop2: int) -> dict[str, dict]:
     """Per property: Cramér's V per layer, and per layer and class the share going to hop-2."""
     stats = {}
@@ -125,6 +137,7 @@ class RoutingAnalysis:
     label: str
     dataset: str
     num_hop2: int
+    top_k: int
     seeds: list[int]
     counts: list[dict[str, np.ndarray]]  # per seed: property -> [L, classes, n]
 
@@ -159,8 +172,9 @@ def markdown_report(analyses: list[RoutingAnalysis], split: str) -> str:
                   "|---|" + "---|" * num_layers]
         for prop in PROPERTIES:
             mean, std = a.mean_cramers_v(prop.name)
-            lines.append(f"| {prop.name} | " + " | ".join(f"{m:.3f} ± {s:.3f}"
-                                                          for m, s in zip(mean, std, strict=True)) + " |")
+            chance = max(chance_v(t, a.top_k) for c in a.counts for t in c[prop.name])
+            lines.append(f"| {prop.name} (chance ≤ {chance:.3f}) | " + " | ".join(
+                f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std, strict=True)) + " |")
         num_experts = a.counts[0][PROPERTIES[0].name].shape[2]
         if 0 < a.num_hop2 < num_experts:
             lines += ["", "Share of assignments going to hop-2 experts, mean over layers and seeds "
