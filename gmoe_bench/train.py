@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,14 @@ log = logging.getLogger("gmoe_bench")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
+def job_command() -> str:
+    """The command that re-runs this job alone: ``gmoe-train`` and the job's overrides (in a sweep,
+    its own values; the process's argv would be a launcher's, e.g. submitit's ``_submit.py``)."""
+    if HydraConfig.initialized():
+        return " ".join(["gmoe-train", *map(shlex.quote, HydraConfig.get().overrides.task)])
+    return " ".join(map(shlex.quote, [Path(sys.argv[0]).name, *sys.argv[1:]]))
+
+
 def train(cfg: DictConfig, output_dir: Path) -> float:
     """Run every seed of ``cfg``; write summary.json; return the mean validation metric.
 
@@ -58,7 +67,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         "model": model_name,
         "metric": data.eval_metric,
         "config": config,
-        "provenance": provenance(device),
+        "provenance": provenance(device, job_command()),
         "seeds": [],
         "failed_seeds": [],
         "complete": False,

@@ -34,7 +34,7 @@ def test_baseline_two_seeds_end_to_end(small_mirror: Path, tmp_path: Path) -> No
     assert agg["test_mean"] == pytest.approx(sum(tests) / 2)
     assert agg["test_std"] == pytest.approx(abs(tests[0] - tests[1]) / 2)
     assert summary["config"]["model"]["backbone"] == "gin"
-    assert "model=gin seeds=[0,1]" in summary["provenance"]["command"]
+    assert "model=gin 'seeds=[0,1]'" in summary["provenance"]["command"]  # shell-quoted
     last_line = proc.stdout.strip().splitlines()[-1]
     assert last_line.startswith("ogbg-molbbbp gin: test rocauc ")
     assert last_line.endswith(", 2 seeds")

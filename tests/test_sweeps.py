@@ -43,6 +43,16 @@ def test_grid_through_submitit_local_to_report(small_mirror: Path, tmp_path: Pat
     entropy = [float(line.split(" | ")[8]) for line in details]
     assert all(0.0 < e <= 1.0 for e in entropy)  # n=2, k=2: both experts for every node, 1.0
     assert entropy[1] == 1.0
+    runs = json.loads((report / "digest.json").read_text())
+    assert [len(r["seeds"]) for r in runs] == [2, 2, 2, 2]
+    for run in runs:  # each job's command re-runs that job alone, with its own sweep values
+        (job,) = run["jobs"]
+        n, k = run["config"]["moe"]["num_experts"], run["config"]["moe"]["top_k"]
+        assert job["provenance"]["command"].startswith("gmoe-train ")
+        assert f"moe.num_experts={n}" in job["provenance"]["command"].split()
+        assert f"moe.top_k={k}" in job["provenance"]["command"].split()
+    assert all(len(s["valid_curve"]) == 2 and len(s["routing_at_best"]) == 5
+               for r in runs for s in r["seeds"])
     for plot in ("metric.png", "valid_curves.png", "routing.png", "routing_entropy.png"):
         assert (report / plot).read_bytes()[:4] == b"\x89PNG"
 

@@ -34,6 +34,7 @@ from gmoe_bench.reports.table import (
     ConfigResult,
     collect,
     details_table,
+    digest,
     latex_table,
     markdown_table,
     write_csv,
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Collect the summary.json files under the given folders (runs or sweeps; seeds "
                     "of one configuration spread over several jobs are merged) and write table.md, "
                     "table.csv, table.tex, details.md (validation, best epoch, parameters, "
-                    "routing entropy), paper.md (next to the paper's figures), metric.png, "
+                    "routing entropy), paper.md (next to the paper's figures), digest.json (configs, "
+                    "commands, per-seed figures and curves), metric.png, "
                     "valid_curves.png, routing.png and routing_entropy.png.")
     parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the table and plots")
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.tex").write_text(latex_table(results))
     (args.out / "details.md").write_text(title + details_table(results))
     (args.out / "paper.md").write_text(title + comparison_table(results))
+    (args.out / "digest.json").write_text(json.dumps(digest(results), indent=1))
     write_csv(results, args.out / "table.csv")
     metric_per_config(results, args.out / "metric.png")
     validation_curves(results, args.out / "valid_curves.png")

@@ -37,6 +37,8 @@ class ConfigResult:
     config: dict[str, Any]
     seeds: list[dict[str, Any]] = field(default_factory=list)
     label: str = ""
+    # the jobs the seeds come from: summary path, provenance (command, commit, hardware), wall time
+    jobs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> str:  # the config without dataset, seeds and execution details
@@ -69,6 +71,9 @@ def collect(dirs: list[Path]) -> list[ConfigResult]:
         result = ConfigResult(summary["dataset"], summary["model"], summary["metric"],
                               summary["config"])
         group = groups.setdefault((result.dataset, result.key), result)
+        group.jobs.append({"summary": str(path), "provenance": summary["provenance"],
+                           "seeds": [s["seed"] for s in summary["seeds"]],
+                           "wall_seconds": summary.get("wall_seconds")})
         known = {s["seed"] for s in group.seeds}
         for seed in summary["seeds"]:
             if seed["seed"] in known:
@@ -229,3 +234,20 @@ def details_table(results: list[ConfigResult]) -> str:
             f"{test[0] * scale:.2f} ± {test[1] * scale:.2f}",
             f"{np.mean(best):.1f} ({min(best)}–{max(best)})", params, entropy, share]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def digest(results: list[ConfigResult]) -> list[dict[str, Any]]:
+    """What results/ keeps of the runs: per configuration its config and jobs, per seed the
+    figures, the validation/test curves (4 decimals) and the routing at the best epoch."""
+    out = []
+    for r in results:
+        seeds = [{
+            **{k: s.get(k) for k in ("seed", "best_epoch", "valid", "test", "wall_seconds",
+                                      "num_parameters", "commit")},
+            "valid_curve": [round(e["valid"], 4) for e in s["epochs"]],
+            "test_curve": [round(e["test"], 4) for e in s["epochs"]],
+            "routing_at_best": s["epochs"][s["best_epoch"] - 1]["routing"],
+        } for s in sorted(r.seeds, key=lambda s: s["seed"])]
+        out.append({"label": r.label, "dataset": r.dataset, "model": r.model, "metric": r.metric,
+                    "config": r.config, "jobs": r.jobs, "seeds": seeds})
+    return out

@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,9 +55,9 @@ def hardware(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def provenance(device: torch.device) -> dict[str, Any]:
+def provenance(device: torch.device, command: str) -> dict[str, Any]:
     return {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command,
         "commit": CODE_COMMIT,
         "hardware": hardware(device),
         "torch": torch.__version__,
