@@ -19,7 +19,7 @@ from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.engine.loop import evaluate
 from gmoe_bench.model import build_model
 from gmoe_bench.reports.cli import routing_main
-from gmoe_bench.reports.paper import comparison_table
+from gmoe_bench.reports.paper import comparison_table, selection
 from gmoe_bench.reports.routing import chance_v, cramers_v
 from gmoe_bench.reports.table import ConfigResult, hop2_share, routing_entropy
 from gmoe_bench.train import train
@@ -109,12 +109,12 @@ def test_routing_entropy_and_hop2_share() -> None:
 
 
 def test_comparison_with_the_paper() -> None:
-    def result(backbone: str, experts: int, tests: list[float]) -> ConfigResult:
-        seeds = [{"seed": i, "valid": 0.9, "test": t, "epochs": [{}] * 100}
+    def result(backbone: str, experts: int, tests: list[float], valid: float = 0.9) -> ConfigResult:
+        seeds = [{"seed": i, "valid": valid, "test": t, "epochs": [{}] * 100}
                  for i, t in enumerate(tests)]
+        moe = {"num_experts": experts, "num_hop2": experts // 2, "top_k": 2, "loss_weight": 1.0}
         return ConfigResult("ogbg-molbbbp", backbone, "rocauc",
-                            {"model": {"backbone": backbone}, "moe": {"num_experts": experts}},
-                            seeds, label=backbone)
+                            {"model": {"backbone": backbone}, "moe": moe}, seeds, label=backbone)
 
     wide = result("gcn", 0, [0.70])
     wide.label = "hidden=440"
@@ -124,3 +124,10 @@ def test_comparison_with_the_paper() -> None:
     assert gcn == ("| GCN | ogbg-molbbbp | 2 | 100 | 69.00 ± 1.00 | 68.87 ± 1.51 | +0.13 | "
                    "yes |")
     assert gmoe_gin.startswith("| GMoE-GIN |") and "| 66.93 ± 1.72 | -5.93 | no |" in gmoe_gin
+
+    chosen = selection([result("gin", 8, [0.6], valid=0.91), result("gin", 4, [0.7], valid=0.95),
+                        result("gcn", 0, [0.7], valid=0.99)])
+    assert chosen.count("gmoe-train") == 1  # one GMoE backbone; the plain GCN is not a candidate
+    assert "(validation 95.00 ± 0.00, 1 seed)" in chosen
+    assert ("`gmoe-train +experiment=paper_selected dataset=ogbg-molbbbp model=gin moe.num_experts=4 "
+            "moe.num_hop2=2 moe.top_k=2 moe.loss_weight=1.0`") in chosen

@@ -17,7 +17,7 @@ from gmoe_bench.data.ogb import MolDataset, load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.errors import UserError
 from gmoe_bench.model import build_model
-from gmoe_bench.reports.paper import comparison_table
+from gmoe_bench.reports.paper import comparison_table, selection
 from gmoe_bench.reports.plots import (
     entropy_curves,
     metric_per_config,
@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text(title + table)
     (args.out / "table.tex").write_text(latex_table(results))
     (args.out / "details.md").write_text(title + details_table(results))
-    (args.out / "paper.md").write_text(title + comparison_table(results))
+    selected = selection(results)
+    (args.out / "paper.md").write_text(
+        title + comparison_table(results)
+        + (f"\nSelected on validation (run it with the paper's 10 seeds):\n\n{selected}" if selected
+           else ""))
     (args.out / "digest.json").write_text(json.dumps(digest(results), indent=1))
     write_csv(results, args.out / "table.csv")
     metric_per_config(results, args.out / "metric.png")

@@ -42,3 +42,25 @@ def comparison_table(results: list[ConfigResult]) -> str:
             f"{mean:.2f} ± {std:.2f}", f"{paper[0]:.2f} ± {paper[1]:.2f}",
             f"{mean - paper[0]:+.2f}", inside]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def selection(results: list[ConfigResult]) -> str:
+    """Per dataset and backbone, the GMoE configuration with the best mean validation metric (the
+    paper's model selection) and the command that runs it with the paper's 10 seeds."""
+    best: dict[tuple[str, str], ConfigResult] = {}
+    for r in results:
+        if r.config["moe"]["num_experts"] == 0:
+            continue
+        key = (r.dataset, r.config["model"]["backbone"])
+        if key not in best or r.mean_std("valid")[0] > best[key].mean_std("valid")[0]:
+            best[key] = r
+    lines = []
+    for (dataset, backbone), r in sorted(best.items()):
+        moe, valid = r.config["moe"], r.mean_std("valid")
+        scale = 100 if r.metric == "rocauc" else 1
+        lines += [f"- {dataset} GMoE-{backbone.upper()}: {r.label} (validation "
+                  f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}):",
+                  f"  `gmoe-train +experiment=paper_selected dataset={dataset} model={backbone} "
+                  f"moe.num_experts={moe['num_experts']} moe.num_hop2={moe['num_hop2']} "
+                  f"moe.top_k={moe['top_k']} moe.loss_weight={moe['loss_weight']}`"]
+    return "\n".join(lines) + "\n" if lines else ""
