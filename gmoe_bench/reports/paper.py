@@ -57,9 +57,10 @@ def selection(results: list[ConfigResult]) -> str:
     lines = []
     for (dataset, backbone), r in sorted(best.items()):
         moe, valid = r.config["moe"], r.mean_std("valid")
+        seeds = f"{len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}"
         scale = 100 if r.metric == "rocauc" else 1
         lines += [f"- {dataset} GMoE-{backbone.upper()}: {r.label} (validation "
-                  f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}):",
+                  f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {seeds}):",
                   f"  `gmoe-train +experiment=paper_selected dataset={dataset} model={backbone} "
                   f"moe.num_experts={moe['num_experts']} moe.num_hop2={moe['num_hop2']} "
                   f"moe.top_k={moe['top_k']} moe.loss_weight={moe['loss_weight']}`"]
