@@ -143,8 +143,9 @@ def test_finished_seeds_are_skipped_on_rerun(small_mirror: Path, tmp_path: Path)
     (tmp_path / "b").mkdir()
     train(cfg, tmp_path / "a")
     first = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "ckpt").rglob("seed_*")) == ["seed_0.json",
-                                                                           "seed_1.json"]
+    # a finished seed keeps its record and best weights; its resumable state is removed
+    assert sorted(p.name for p in (tmp_path / "ckpt").rglob("seed_*")) == [
+        "seed_0.best.pt", "seed_0.json", "seed_1.best.pt", "seed_1.json"]
     train(cfg, tmp_path / "b")
     assert figures(json.loads((tmp_path / "b" / "summary.json").read_text())) == figures(first)
 
