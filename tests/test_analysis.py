@@ -21,7 +21,7 @@ from gmoe_bench.model import build_model
 from gmoe_bench.reports.cli import routing_main
 from gmoe_bench.reports.paper import comparison_table, selection
 from gmoe_bench.reports.routing import chance_v, cramers_v
-from gmoe_bench.reports.table import ConfigResult, hop2_share, routing_entropy
+from gmoe_bench.reports.table import ConfigResult, collect, hop2_share, routing_entropy
 from gmoe_bench.train import train
 from tests.test_robustness import compose_cfg
 
@@ -120,14 +120,32 @@ def test_comparison_with_the_paper() -> None:
     wide.label = "hidden=440"
     rows = comparison_table([result("gcn", 0, [0.68, 0.70]), result("gin", 8, [0.60, 0.62]), wide])
     gcn, gmoe_gin, wide_row = rows.splitlines()[2:]
-    assert wide_row.startswith("| GCN (hidden=440) | ogbg-molbbbp | 1 | 100 | 70.00 ± 0.00 |")
+    assert wide_row == ("| GCN (hidden=440) | ogbg-molbbbp | 1 | 100 | 70.00 ± 0.00 | 68.87 ± 1.51 | "
+                        "+1.13 | n/a |")
     assert gcn == ("| GCN | ogbg-molbbbp | 2 | 100 | 69.00 ± 1.00 | 68.87 ± 1.51 | +0.13 | "
                    "yes |")
     assert gmoe_gin.startswith("| GMoE-GIN |") and "| 66.93 ± 1.72 | -5.93 | no |" in gmoe_gin
 
     chosen = selection([result("gin", 8, [0.6], valid=0.91), result("gin", 4, [0.7], valid=0.95),
-                        result("gcn", 0, [0.7], valid=0.99)])
-    assert chosen.count("gmoe-train") == 1  # one GMoE backbone; the plain GCN is not a candidate
+                        result("gcn", 0, [0.7], valid=0.99), result("gcn", 8, [0.7], valid=0.99)])
+    # GIN: two GMoE candidates; GCN: one GMoE configuration is no choice, the plain one no candidate
+    assert chosen.count("gmoe-train") == 1
     assert "(validation 95.00 ± 0.00, 1 seed)" in chosen
     assert ("`gmoe-train +experiment=paper_selected dataset=ogbg-molbbbp model=gin moe.num_experts=4 "
             "moe.num_hop2=2 moe.top_k=2 moe.loss_weight=1.0`") in chosen
+
+
+def test_plain_rows_are_named_by_backbone_only(tmp_path: Path) -> None:
+    def write(name: str, backbone: str, moe: dict) -> None:
+        config = {"model": {"backbone": backbone}, "moe": moe, "dataset": {"name": "ogbg-molhiv"}}
+        summary = {"dataset": "ogbg-molhiv", "model": name, "metric": "rocauc", "config": config,
+                   "provenance": {}, "seeds": [{"seed": 0, "valid": 0.8, "test": 0.7}]}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+
+    plain = {"num_experts": 0, "num_hop2": 0, "top_k": 1, "loss_weight": 0.0}
+    write("gcn", "gcn", plain)
+    write("gin", "gin", plain)
+    write("gmoe-gcn", "gcn", {"num_experts": 8, "num_hop2": 8, "top_k": 4, "loss_weight": 1.0})
+    labels = sorted(r.label for r in collect([tmp_path]))
+    assert labels == ["gcn", "gcn λ=1 n=8 m=8 k=4", "gin"]

@@ -97,7 +97,7 @@ def _name_rows(results: list[ConfigResult]) -> None:
         plain = values.get("moe.num_experts", 0) == 0
         parts = []
         for key in differing:
-            if plain and key.startswith("moe.") and key != "moe.num_experts":
+            if plain and key.startswith("moe."):
                 continue
             short = SHORT_NAMES.get(key, key)
             value = values.get(key)
