@@ -18,7 +18,7 @@ from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.engine.loop import evaluate
 from gmoe_bench.model import build_model
-from gmoe_bench.reports.cli import routing_main
+from gmoe_bench.reports.cli import routing_main, select_main
 from gmoe_bench.reports.paper import comparison_table, selection
 from gmoe_bench.reports.routing import chance_v, cramers_v
 from gmoe_bench.reports.table import ConfigResult, collect, hop2_share, routing_entropy
@@ -136,16 +136,40 @@ def test_comparison_with_the_paper() -> None:
 
 
 def test_plain_rows_are_named_by_backbone_only(tmp_path: Path) -> None:
-    def write(name: str, backbone: str, moe: dict) -> None:
-        config = {"model": {"backbone": backbone}, "moe": moe, "dataset": {"name": "ogbg-molhiv"}}
-        summary = {"dataset": "ogbg-molhiv", "model": name, "metric": "rocauc", "config": config,
-                   "provenance": {}, "seeds": [{"seed": 0, "valid": 0.8, "test": 0.7}]}
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
-
     plain = {"num_experts": 0, "num_hop2": 0, "top_k": 1, "loss_weight": 0.0}
-    write("gcn", "gcn", plain)
-    write("gin", "gin", plain)
-    write("gmoe-gcn", "gcn", {"num_experts": 8, "num_hop2": 8, "top_k": 4, "loss_weight": 1.0})
+    write_summary(tmp_path / "gcn", "gcn", plain, valid=0.8)
+    write_summary(tmp_path / "gin", "gin", plain, valid=0.8)
+    write_summary(tmp_path / "gmoe", "gcn", {"num_experts": 8, "num_hop2": 8, "top_k": 4,
+                                             "loss_weight": 1.0}, valid=0.8)
     labels = sorted(r.label for r in collect([tmp_path]))
     assert labels == ["gcn", "gcn λ=1 n=8 m=8 k=4", "gin"]
+
+def write_summary(folder: Path, backbone: str, moe: dict, valid: float) -> None:
+    config = {"model": {"backbone": backbone}, "moe": moe, "dataset": {"name": "ogbg-molbbbp"}}
+    summary = {"dataset": "ogbg-molbbbp", "model": backbone, "metric": "rocauc", "config": config,
+               "provenance": {}, "seeds": [{"seed": 0, "valid": valid, "test": 0.7}]}
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_gmoe_select_prints_the_overrides_of_the_best_validation_config(
+        tmp_path: Path, small_mirror: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    search = tmp_path / "search"
+    write_summary(search / "0", "gcn", {"num_experts": 8, "num_hop2": 4, "top_k": 4,
+                                        "loss_weight": 1.0}, valid=0.94)
+    write_summary(search / "1", "gcn", {"num_experts": 8, "num_hop2": 8, "top_k": 4,
+                                        "loss_weight": 0.1}, valid=0.95)
+    write_summary(search / "2", "gin", {"num_experts": 4, "num_hop2": 0, "top_k": 1,
+                                        "loss_weight": 1.0}, valid=0.99)
+    assert select_main([str(search), "--backbone", "gcn"]) == 0
+    overrides = capsys.readouterr().out.split()
+    assert overrides == ["dataset=ogbg-molbbbp", "model=gcn", "moe.num_experts=8",
+                         "moe.num_hop2=8", "moe.top_k=4", "moe.loss_weight=0.1"]
+    cfg = validate(compose_cfg(tmp_path, small_mirror, "+experiment=paper_selected", *overrides))
+    assert (cfg.model.backbone, cfg.moe.num_experts, cfg.moe.num_hop2, cfg.moe.top_k,
+            cfg.moe.loss_weight, len(cfg.seeds)) == ("gcn", 8, 8, 4, 0.1, 10)
+
+    # one GIN configuration is no choice: an error, and nothing on stdout for the make target to use
+    assert select_main([str(search), "--backbone", "gin"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "nothing to choose from" in captured.err

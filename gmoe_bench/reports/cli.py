@@ -17,7 +17,12 @@ from gmoe_bench.data.ogb import MolDataset, load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.errors import UserError
 from gmoe_bench.model import build_model
-from gmoe_bench.reports.paper import comparison_table, selection
+from gmoe_bench.reports.paper import (
+    best_per_backbone,
+    comparison_table,
+    selected_overrides,
+    selection,
+)
 from gmoe_bench.reports.plots import (
     entropy_curves,
     metric_per_config,
@@ -159,6 +164,36 @@ def routing_main(argv: list[str] | None = None) -> int:
                 str(args.out / "routing_classes.png"))
     print(report, end="")
     print(f"{len(analyses)} configurations, written to {args.out}")
+    return 0
+
+
+def select_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gmoe-select",
+        description="Print the overrides of the GMoE configuration with the best mean validation "
+                    "metric among the runs under the given folders (the paper's model selection), "
+                    "for one backbone, ready for `gmoe-train +experiment=paper_selected $(gmoe-select "
+                    "...)`.")
+    parser.add_argument("dirs", nargs="+", type=Path, help="search folders (searched recursively)")
+    parser.add_argument("--backbone", required=True, help="gcn or gin")
+    parser.add_argument("--dataset", default=None, help="needed when the runs span several datasets")
+    args = parser.parse_args(argv)
+
+    missing = [d for d in args.dirs if not d.exists()]
+    if missing:
+        print(f"gmoe-select: error: {', '.join(map(str, missing))} does not exist; run the search "
+              "first (make reproduce-molbbbp runs it before selecting).", file=sys.stderr)
+        return 2
+    chosen = {key: r for key, r in best_per_backbone(collect(args.dirs)).items()
+              if key[1] == args.backbone and args.dataset in (None, key[0])}
+    if len(chosen) != 1:
+        problem = ("several datasets; pass --dataset" if chosen else
+                   "fewer than two GMoE configurations with a finished seed, so nothing to choose "
+                   "from; finish the search (re-running its command resumes it)")
+        print(f"gmoe-select: error: the runs under {', '.join(map(str, args.dirs))} hold, for "
+              f"backbone '{args.backbone}', {problem}.", file=sys.stderr)
+        return 2
+    print(selected_overrides(next(iter(chosen.values()))))
     return 0
 
 

@@ -3,6 +3,7 @@ collected result compares with them."""
 
 from __future__ import annotations
 
+from gmoe_bench.engine.run import LOWER_IS_BETTER
 from gmoe_bench.reports.table import ConfigResult
 
 # (dataset, model family) -> (mean, std)
@@ -45,24 +46,35 @@ def comparison_table(results: list[ConfigResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def selection(results: list[ConfigResult]) -> str:
-    """Per dataset and backbone with at least two GMoE configurations to choose from, the one with
-    the best mean validation metric (the paper's model selection) and the command that runs it
-    with the paper's 10 seeds."""
+def best_per_backbone(results: list[ConfigResult]) -> dict[tuple[str, str], ConfigResult]:
+    """Per (dataset, backbone) with at least two GMoE configurations to choose from, the one with
+    the best mean validation metric: the paper's model selection."""
     candidates: dict[tuple[str, str], list[ConfigResult]] = {}
     for r in results:
         if r.config["moe"]["num_experts"] > 0:
             candidates.setdefault((r.dataset, r.config["model"]["backbone"]), []).append(r)
-    best = {key: max(rs, key=lambda r: r.mean_std("valid")[0])
+    return {key: (min if rs[0].metric in LOWER_IS_BETTER else max)(
+                rs, key=lambda r: r.mean_std("valid")[0])
             for key, rs in candidates.items() if len(rs) > 1}
+
+
+def selected_overrides(result: ConfigResult) -> str:
+    """The command-line overrides that, after ``+experiment=paper_selected``, re-run ``result``."""
+    moe = result.config["moe"]
+    return (f"dataset={result.dataset} model={result.config['model']['backbone']} "
+            f"moe.num_experts={moe['num_experts']} moe.num_hop2={moe['num_hop2']} "
+            f"moe.top_k={moe['top_k']} moe.loss_weight={moe['loss_weight']}")
+
+
+def selection(results: list[ConfigResult]) -> str:
+    """The configurations chosen by ``best_per_backbone`` and the commands that run them with the
+    paper's 10 seeds."""
     lines = []
-    for (dataset, backbone), r in sorted(best.items()):
-        moe, valid = r.config["moe"], r.mean_std("valid")
+    for (dataset, backbone), r in sorted(best_per_backbone(results).items()):
+        valid = r.mean_std("valid")
         seeds = f"{len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}"
         scale = 100 if r.metric == "rocauc" else 1
         lines += [f"- {dataset} GMoE-{backbone.upper()}: {r.label} (validation "
                   f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {seeds}):",
-                  f"  `gmoe-train +experiment=paper_selected dataset={dataset} model={backbone} "
-                  f"moe.num_experts={moe['num_experts']} moe.num_hop2={moe['num_hop2']} "
-                  f"moe.top_k={moe['top_k']} moe.loss_weight={moe['loss_weight']}`"]
+                  f"  `gmoe-train +experiment=paper_selected {selected_overrides(r)}`"]
     return "\n".join(lines) + "\n" if lines else ""
