@@ -12,8 +12,8 @@ import difflib
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -107,6 +107,21 @@ def _valid_keys(node: dict, prefix: str = "") -> list[str]:
 
 
 _SCHEMA_TREE = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+
+
+def _float_keys(schema: type, prefix: str = "") -> set[str]:
+    hints = get_type_hints(schema)
+    keys: set[str] = set()
+    for f in fields(schema):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            keys |= _float_keys(kind, f"{prefix}{f.name}.")
+        elif kind is float:
+            keys.add(prefix + f.name)
+    return keys
+
+
+_FLOAT_KEYS = _float_keys(TrainConfig)
 
 
 def valid_keys() -> list[str]:
@@ -218,12 +233,18 @@ EXECUTION_KEYS = ("seeds", "logger", "trainer.device", "trainer.num_workers", "t
 
 
 def config_identity(config: dict[str, Any], also_ignore: tuple[str, ...] = ()) -> str:
-    """Short stable hash of what a config computes (seeds and execution details excluded)."""
+    """Short stable hash of what a config computes (seeds and execution details excluded).
+
+    An int given for a float key counts as that float (``moe.loss_weight=1`` from a sweep is the
+    same run as ``moe.loss_weight=1.0``); keys outside the schema are hashed as they are."""
     ignored = set(EXECUTION_KEYS) | set(also_ignore)
 
-    def strip(node: Any, prefix: str = "") -> Any:
-        if not isinstance(node, dict):
-            return node
-        return {k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items())
-                if f"{prefix}{k}" not in ignored}
-    return hashlib.sha1(json.dumps(strip(config), sort_keys=True).encode()).hexdigest()[:8]
+    def strip(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v, f"{key}.{k}" if key else k) for k, v in sorted(node.items())
+                    if (f"{key}.{k}" if key else k) not in ignored}
+        if key in _FLOAT_KEYS and isinstance(node, int) and not isinstance(node, bool):
+            return float(node)
+        return node
+    canonical = strip(config)
+    return hashlib.sha1(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:8]

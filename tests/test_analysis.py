@@ -158,16 +158,27 @@ def test_gmoe_select_prints_the_overrides_of_the_best_validation_config(
     write_summary(search / "0", "gcn", {"num_experts": 8, "num_hop2": 4, "top_k": 4,
                                         "loss_weight": 1.0}, valid=0.94)
     write_summary(search / "1", "gcn", {"num_experts": 8, "num_hop2": 8, "top_k": 4,
-                                        "loss_weight": 0.1}, valid=0.95)
+                                        "loss_weight": 1}, valid=0.95)  # a sweep's int λ
     write_summary(search / "2", "gin", {"num_experts": 4, "num_hop2": 0, "top_k": 1,
                                         "loss_weight": 1.0}, valid=0.99)
     assert select_main([str(search), "--backbone", "gcn"]) == 0
     overrides = capsys.readouterr().out.split()
     assert overrides == ["dataset=ogbg-molbbbp", "model=gcn", "moe.num_experts=8",
-                         "moe.num_hop2=8", "moe.top_k=4", "moe.loss_weight=0.1"]
-    cfg = validate(compose_cfg(tmp_path, small_mirror, "+experiment=paper_selected", *overrides))
+                         "moe.num_hop2=8", "moe.top_k=4", "moe.loss_weight=1"]
+    selected = compose_cfg(tmp_path, small_mirror, "+experiment=paper_selected", *overrides)
+    cfg = validate(selected)
     assert (cfg.model.backbone, cfg.moe.num_experts, cfg.moe.num_hop2, cfg.moe.top_k,
-            cfg.moe.loss_weight, len(cfg.seeds)) == ("gcn", 8, 8, 4, 0.1, 10)
+            cfg.moe.loss_weight, len(cfg.seeds)) == ("gcn", 8, 8, 4, 1.0, 10)
+    # the 10-seed run finds the search's finished seeds: same checkpoint folder, whether λ is
+    # written 1 (sweep) or 1.0 (YAML)
+    searched = compose_cfg(tmp_path, small_mirror, "+experiment=paper_molbbbp", "model=gcn",
+                           "experts=n8_hop2", "moe.top_k=4", "moe.loss_weight=1.0")
+    assert (checkpoint_directory(OmegaConf.to_container(selected, resolve=True), "ogbg-molbbbp")
+            == checkpoint_directory(OmegaConf.to_container(searched, resolve=True), "ogbg-molbbbp"))
+    other = compose_cfg(tmp_path, small_mirror, "+experiment=paper_molbbbp", "model=gcn",
+                        "experts=n8_hop2", "moe.top_k=4", "moe.loss_weight=0.1")
+    assert (checkpoint_directory(OmegaConf.to_container(other, resolve=True), "ogbg-molbbbp")
+            != checkpoint_directory(OmegaConf.to_container(searched, resolve=True), "ogbg-molbbbp"))
 
     # one GIN configuration is no choice: an error, and nothing on stdout for the make target to use
     assert select_main([str(search), "--backbone", "gin"]) == 2
