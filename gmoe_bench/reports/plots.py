@@ -77,6 +77,7 @@ def routing_heatmaps(results: list[ConfigResult], path: Path) -> bool:
         if num_hop2:
             ax.axvline(shares.shape[1] - num_hop2 - 0.5, color="white", linewidth=2)
         ax.set_xlabel("expert (right of the line: hop-2)" if num_hop2 else "expert")
+        ax.set_yticks(range(shares.shape[0]), [str(i + 1) for i in range(shares.shape[0])])
         ax.set_ylabel("layer")
         ax.set_title(f"{r.dataset}\n{r.label}", fontsize="small")
         fig.colorbar(image, ax=ax, fraction=0.046)
