@@ -30,7 +30,8 @@ def metric_per_config(results: list[ConfigResult], path: Path) -> None:
         ax.set_xlim(max(0.0, low - 0.1), None)
         ax.set_xlabel(f"{rows[0].metric} (mean ± std over seeds)")
         ax.set_title(dataset)
-        ax.legend(loc="lower right")
+        # below the axes: inside, it would hide a configuration's validation dot
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
