@@ -18,6 +18,7 @@ from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.engine.loop import evaluate
 from gmoe_bench.model import build_model
+from gmoe_bench.reports.cli import main as report_main
 from gmoe_bench.reports.cli import routing_main, select_main
 from gmoe_bench.reports.paper import comparison_table, selection
 from gmoe_bench.reports.routing import chance_v, cramers_v
@@ -184,3 +185,14 @@ def test_gmoe_select_prints_the_overrides_of_the_best_validation_config(
     assert select_main([str(search), "--backbone", "gin"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "nothing to choose from" in captured.err
+
+
+@pytest.mark.parametrize("command", [report_main, routing_main, select_main])
+def test_missing_folder_is_named(command, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no_such_sweep"
+    args = {report_main: ["--out", str(tmp_path / "r")], routing_main: ["--out", str(tmp_path / "r")],
+            select_main: ["--backbone", "gcn"]}[command]
+    assert command([str(missing), *args]) == 2
+    assert f"{missing} does not exist." in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

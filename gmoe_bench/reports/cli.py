@@ -46,6 +46,14 @@ from gmoe_bench.reports.table import (
 )
 
 
+def dirs_exist(prog: str, dirs: list[Path], hint: str = "") -> bool:
+    """False, after saying which, when one of the folders given on the command line is missing."""
+    missing = [d for d in dirs if not d.exists()]
+    if missing:
+        print(f"{prog}: error: {', '.join(map(str, missing))} does not exist.{hint}", file=sys.stderr)
+    return not missing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gmoe-report",
@@ -61,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    missing = [d for d in args.dirs if not d.exists()]
-    if missing:
-        print(f"gmoe-report: error: {', '.join(map(str, missing))} does not exist.", file=sys.stderr)
+    if not dirs_exist("gmoe-report", args.dirs):
         return 2
     results = collect(args.dirs)
     if not results:
@@ -133,9 +139,7 @@ def routing_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    missing = [d for d in args.dirs if not d.exists()]
-    if missing:
-        print(f"gmoe-routing: error: {', '.join(map(str, missing))} does not exist.", file=sys.stderr)
+    if not dirs_exist("gmoe-routing", args.dirs):
         return 2
     # k = n routes every node to every expert: there is no choice to relate to structure.
     results = [r for r in collect(args.dirs)
@@ -179,10 +183,8 @@ def select_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default=None, help="needed when the runs span several datasets")
     args = parser.parse_args(argv)
 
-    missing = [d for d in args.dirs if not d.exists()]
-    if missing:
-        print(f"gmoe-select: error: {', '.join(map(str, missing))} does not exist; run the search "
-              "first (make reproduce-molbbbp runs it before selecting).", file=sys.stderr)
+    if not dirs_exist("gmoe-select", args.dirs, " Run the search first (make reproduce-molbbbp runs "
+                      "it before selecting)."):
         return 2
     chosen = {key: r for key, r in best_per_backbone(collect(args.dirs)).items()
               if key[1] == args.backbone and args.dataset in (None, key[0])}
