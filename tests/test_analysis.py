@@ -131,9 +131,14 @@ def test_comparison_with_the_paper() -> None:
                         result("gcn", 0, [0.7], valid=0.99), result("gcn", 8, [0.7], valid=0.99)])
     # GIN: two GMoE candidates; GCN: one GMoE configuration is no choice, the plain one no candidate
     assert chosen.count("gmoe-train") == 1
-    assert "(validation 95.00 ± 0.00, 1 seed)" in chosen
+    assert "(validation 95.00 ± 0.00, 1 seed); to run it with the paper's 10 seeds:" in chosen
     assert ("`gmoe-train +experiment=paper_selected dataset=ogbg-molbbbp model=gin moe.num_experts=4 "
             "moe.num_hop2=2 moe.top_k=2 moe.loss_weight=1.0`") in chosen
+    # a choice that already has the paper's seeds needs no command
+    complete = selection([result("gin", 8, [0.6] * 10, valid=0.91), result("gin", 4, [0.7] * 10,
+                                                                           valid=0.95)])
+    assert "gmoe-train" not in complete
+    assert "(validation 95.00 ± 0.00, 10 seeds), already run with the paper's 10 seeds" in complete
 
 
 def test_plain_rows_are_named_by_backbone_only(tmp_path: Path) -> None:

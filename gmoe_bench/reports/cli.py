@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = selection(results)
     (args.out / "paper.md").write_text(
         title + comparison_table(results)
-        + (f"\nSelected on validation (run it with the paper's 10 seeds):\n\n{selected}" if selected
+        + (f"\nSelected on validation:\n\n{selected}" if selected
            else ""))
     (args.out / "digest.json").write_text(json.dumps(digest(results), indent=1))
     write_csv(results, args.out / "table.csv")
