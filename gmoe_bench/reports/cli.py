@@ -40,6 +40,8 @@ from gmoe_bench.reports.table import (
     collect,
     details_table,
     digest,
+    gain_table,
+    gains,
     latex_table,
     markdown_table,
     write_csv,
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
+    if gains(results):
+        table += ("\nGMoE against the plain backbone under the same semantics (same node dropping, "
+                  "depth, optimiser and epochs), test metric, Welch's interval over seeds:\n\n"
+                  + gain_table(results))
     title = f"# {args.title}\n\n" if args.title else ""
     (args.out / "table.md").write_text(title + table)
     (args.out / "table.tex").write_text(latex_table(results))

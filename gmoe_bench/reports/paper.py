@@ -1,49 +1,33 @@
-"""The paper's figures (Wang et al., 2023, ROC-AUC × 100, mean ± std over 10 seeds) and how a
-collected result compares with them."""
+"""How collected results compare with the paper's figures, and the paper's model selection."""
 
 from __future__ import annotations
 
 from gmoe_bench.engine.run import LOWER_IS_BETTER
+from gmoe_bench.reports.paper_figures import PAPER_SEEDS, family, paper_figure
+from gmoe_bench.reports.stats import LEVEL
 from gmoe_bench.reports.table import ConfigResult
-
-PAPER_SEEDS = 10
-
-# (dataset, model family) -> (mean, std)
-PAPER = {
-    ("ogbg-molbbbp", "GCN"): (68.87, 1.51),
-    ("ogbg-molbbbp", "GMoE-GCN"): (70.28, 1.36),
-    ("ogbg-molbbbp", "GIN"): (65.5, 1.8),
-    ("ogbg-molbbbp", "GMoE-GIN"): (66.93, 1.72),
-    ("ogbg-molhiv", "GCN"): (76.06, 0.97),
-    ("ogbg-molhiv", "GMoE-GCN"): (77.87, 1.03),
-    ("ogbg-molhiv", "GIN"): (75.4, 1.5),
-    ("ogbg-molhiv", "GMoE-GIN"): (76.14, 1.03),
-}
-
-
-def family(result: ConfigResult) -> str:
-    backbone = result.config["model"]["backbone"].upper()
-    return f"GMoE-{backbone}" if result.config["moe"]["num_experts"] > 0 else backbone
 
 
 def comparison_table(results: list[ConfigResult]) -> str:
-    """Ours next to the paper's figure of the same model family: the difference, and whether the
-    paper's mean lies within our mean ± std over seeds."""
-    header = ["model", "dataset", "seeds", "epochs", "ours (test)", "paper", "ours − paper",
-              "paper inside our mean ± std"]
+    """Ours next to the paper's figure of the same model family: the difference, our 95% interval
+    of the test mean (t over seeds), and whether the paper's mean lies inside it."""
+    header = ["model", "dataset", "seeds", "epochs", "ours (test)", f"ours, {LEVEL:.0%} interval",
+              "paper", "ours − paper", "paper inside our interval"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        paper = PAPER.get((r.dataset, family(r)))
-        if paper is None or r.metric != "rocauc":
+        paper = paper_figure(r)
+        if paper is None:
             continue
         mean, std = (100 * v for v in r.mean_std("test"))
+        ci = r.interval("test").scaled(100)
         epochs = "/".join(str(n) for n in sorted({len(s["epochs"]) for s in r.seeds}))
-        # one seed has no spread to compare with
-        inside = "n/a" if len(r.seeds) < 2 else "yes" if abs(mean - paper[0]) <= std else "no"
+        # one seed has no interval to compare with
+        inside = "yes" if ci.contains(paper[0]) else "no" if ci.defined else "n/a"
+        interval = f"[{ci.low:.2f}, {ci.high:.2f}]" if ci.defined else "n/a"
         name = family(r) if r.label == r.config["model"]["backbone"] else f"{family(r)} ({r.label})"
         lines.append("| " + " | ".join([
             name, r.dataset, str(len(r.seeds)), epochs,
-            f"{mean:.2f} ± {std:.2f}", f"{paper[0]:.2f} ± {paper[1]:.2f}",
+            f"{mean:.2f} ± {std:.2f}", interval, f"{paper[0]:.2f} ± {paper[1]:.2f}",
             f"{mean - paper[0]:+.2f}", inside]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -53,7 +37,7 @@ def best_per_backbone(results: list[ConfigResult]) -> dict[tuple[str, str], Conf
     the best mean validation metric: the paper's model selection."""
     candidates: dict[tuple[str, str], list[ConfigResult]] = {}
     for r in results:
-        if r.config["moe"]["num_experts"] > 0:
+        if r.is_gmoe:
             candidates.setdefault((r.dataset, r.config["model"]["backbone"]), []).append(r)
     return {key: (min if rs[0].metric in LOWER_IS_BETTER else max)(
                 rs, key=lambda r: r.mean_std("valid")[0])

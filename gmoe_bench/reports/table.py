@@ -14,6 +14,8 @@ import numpy as np
 
 from gmoe_bench.config import EXECUTION_KEYS, config_identity
 from gmoe_bench.engine.run import LOWER_IS_BETTER
+from gmoe_bench.reports.paper_figures import paper_figure
+from gmoe_bench.reports.stats import LEVEL, Interval, difference_interval, mean_interval
 from gmoe_bench.tracking.summary import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,9 @@ SHORT_NAMES = {"model.backbone": "", "moe.num_experts": "n", "moe.num_hop2": "m"
                "moe.scale_hidden": "scale_hidden"}
 # Keys that never name a row: execution details, and the dataset (it is the column).
 IGNORED_PREFIXES = (*EXECUTION_KEYS, "dataset.name")
+# What a GMoE row may differ in from its backbone's row and still be compared with it: everything
+# else (node dropping, epochs, learning rate, depth, ...) is the semantics both must share.
+GMOE_ONLY_PREFIXES = ("moe.", "model.hidden_dim")
 
 
 @dataclass
@@ -50,6 +55,14 @@ class ConfigResult:
     def mean_std(self, split: str) -> tuple[float, float]:
         values = self.values(split)
         return float(values.mean()), float(values.std())
+
+    def interval(self, split: str) -> Interval:
+        """Mean over seeds with its 95% t interval."""
+        return mean_interval(self.values(split))
+
+    @property
+    def is_gmoe(self) -> bool:
+        return self.config["moe"]["num_experts"] > 0
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -108,6 +121,60 @@ def _name_rows(results: list[ConfigResult]) -> None:
 
 def _scale(metric: str) -> float:
     return 1.0 if metric in LOWER_IS_BETTER else 100.0
+
+
+@dataclass
+class Gain:
+    """A GMoE row against the plain row of its backbone under the same semantics."""
+
+    gmoe: ConfigResult
+    backbone: ConfigResult
+
+    @property
+    def difference(self) -> Interval:  # GMoE − backbone, test metric, Welch's 95% interval
+        return difference_interval(self.gmoe.values("test"), self.backbone.values("test"))
+
+    @property
+    def verdict(self) -> str:
+        """'better' or 'worse' when the interval excludes zero, else 'within noise'."""
+        d = self.difference
+        if not d.excludes_zero:
+            return "within noise" if d.defined else "n/a"
+        better = (d.estimate < 0) == (self.gmoe.metric in LOWER_IS_BETTER)
+        return "better" if better else "worse"
+
+
+def _semantics(result: ConfigResult) -> str:
+    flat = flatten(result.config)
+    return json.dumps({k: v for k, v in sorted(flat.items())
+                       if not k.startswith((*IGNORED_PREFIXES, *GMOE_ONLY_PREFIXES))})
+
+
+def gains(results: list[ConfigResult]) -> list[Gain]:
+    """Every (GMoE row, backbone row) pair on one dataset whose configs differ only in the MoE keys
+    and the hidden size: same backbone, node dropping, depth, optimiser, epochs."""
+    plain = [r for r in results if not r.is_gmoe]
+    return [Gain(g, b) for g in results if g.is_gmoe for b in plain
+            if b.dataset == g.dataset and _semantics(b) == _semantics(g)]
+
+
+def _interval_text(interval: Interval, scale: float) -> str:
+    i = interval.scaled(scale)
+    return f"[{i.low:+.2f}, {i.high:+.2f}]" if i.defined else "n/a"
+
+
+def gain_table(results: list[ConfigResult]) -> str:
+    """Markdown: per GMoE row, its difference from its backbone with the 95% interval (Welch)."""
+    header = ["model", "backbone row", "dataset", "seeds", "GMoE − backbone (test)",
+              f"{LEVEL:.0%} interval (Welch)", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for gain in gains(results):
+        scale, d = _scale(gain.gmoe.metric), gain.difference
+        lines.append("| " + " | ".join([
+            gain.gmoe.label, gain.backbone.label, gain.gmoe.dataset,
+            f"{len(gain.gmoe.seeds)} / {len(gain.backbone.seeds)}", f"{d.estimate * scale:+.2f}",
+            _interval_text(d, scale), gain.verdict]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def table_rows(results: list[ConfigResult]) -> tuple[list[str], list[str], dict]:
@@ -173,19 +240,52 @@ def latex_table(results: list[ConfigResult]) -> str:
         name = label.replace("λ", r"$\lambda$").replace("_", r"\_")
         lines.append(" & ".join([name, *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    pairs = gains(results)
+    if pairs:
+        lines += ["", r"\begin{tabular}{llcc}", r"\toprule",
+                  rf"Model & Backbone & $\Delta$ (test) & {LEVEL:.0%} CI (Welch) \\".replace("%", r"\%"),
+                  r"\midrule"]
+        for gain in pairs:
+            scale, d = _scale(gain.gmoe.metric), gain.difference
+            names = [x.label.replace("λ", r"$\lambda$").replace("_", r"\_")
+                     for x in (gain.gmoe, gain.backbone)]
+            lines.append(" & ".join([*names, f"{d.estimate * scale:+.2f}", _interval_text(d, scale)])
+                         + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
 def write_csv(results: list[ConfigResult], path: Path) -> None:
+    """One line per (configuration, dataset), in the metric's own units (ROC-AUC not × 100): the
+    95% interval of the test mean, the paper's figure and whether it lies inside that interval,
+    and for GMoE the difference from its backbone row with Welch's 95% interval."""
+    gain_of: dict[int, Gain] = {}
+    for gain in gains(results):  # a GMoE row with several matching backbone rows: the first
+        gain_of.setdefault(id(gain.gmoe), gain)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "dataset", "metric", "seeds", "valid_mean", "valid_std",
-                         "test_mean", "test_std", "seed_list"])
+                         "test_mean", "test_std", "test_ci_low", "test_ci_high", "paper_mean",
+                         "paper_inside_ci", "backbone", "gain", "gain_ci_low", "gain_ci_high",
+                         "gain_excludes_zero", "seed_list"])
         for r in results:
-            valid, test = r.mean_std("valid"), r.mean_std("test")
-            writer.writerow([r.label, r.dataset, r.metric, len(r.seeds), f"{valid[0]:.6f}",
-                             f"{valid[1]:.6f}", f"{test[0]:.6f}", f"{test[1]:.6f}",
-                             " ".join(str(s["seed"]) for s in r.seeds)])
+            valid, test, ci = r.mean_std("valid"), r.mean_std("test"), r.interval("test")
+            paper = paper_figure(r)
+            gain = gain_of.get(id(r))
+            d = gain.difference if gain else None
+            writer.writerow([
+                r.label, r.dataset, r.metric, len(r.seeds), f"{valid[0]:.6f}", f"{valid[1]:.6f}",
+                f"{test[0]:.6f}", f"{test[1]:.6f}", _number(ci.low), _number(ci.high),
+                "" if paper is None else f"{paper[0] / 100:.4f}",
+                "" if paper is None or not ci.defined else ci.contains(paper[0] / 100),
+                gain.backbone.label if gain else "", _number(d.estimate if d else None),
+                _number(d.low if d else None), _number(d.high if d else None),
+                d.excludes_zero if d and d.defined else "",
+                " ".join(str(s["seed"]) for s in r.seeds)])
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None or not np.isfinite(value) else f"{value:.6f}"
 
 
 def routing_entropy(shares: list[list[float]]) -> float:

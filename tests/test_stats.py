@@ -1,0 +1,79 @@
+"""Confidence intervals in the reports: of a mean, of GMoE's gain over its backbone (Welch)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from gmoe_bench.reports.stats import difference_interval, mean_interval
+from gmoe_bench.reports.table import ConfigResult, gain_table, gains, latex_table, write_csv
+
+PLAIN = {"num_experts": 0, "num_hop2": 0, "top_k": 1, "loss_weight": 0.0}
+GMOE = {"num_experts": 8, "num_hop2": 0, "top_k": 4, "loss_weight": 1.0}
+
+
+def result(backbone: str, moe: dict, tests: list[float], drop: float = 0.0,
+           hidden: int = 300, metric: str = "rocauc") -> ConfigResult:
+    config = {"dataset": {"name": "ogbg-molbbbp", "drop_node_p": drop},
+              "model": {"backbone": backbone, "hidden_dim": hidden}, "moe": moe,
+              "trainer": {"epochs": 100}}
+    seeds = [{"seed": i, "valid": 0.9, "test": t} for i, t in enumerate(tests)]
+    label = f"{'gmoe-' if moe['num_experts'] else ''}{backbone} drop={drop}"
+    return ConfigResult("ogbg-molbbbp", backbone, metric, config, seeds, label=label)
+
+
+def test_mean_interval_is_students_t() -> None:
+    # mean 2, s = 1, n = 3: 2 ± t(0.975, 2) / √3 = 2 ± 4.3027 · 0.57735
+    ci = mean_interval([1.0, 2.0, 3.0])
+    assert (ci.estimate, ci.low, ci.high) == pytest.approx((2.0, -0.48414, 4.48414), abs=1e-4)
+    assert ci.contains(4.4) and not ci.contains(4.5)
+    assert not mean_interval([0.7]).defined  # one seed: no interval
+    assert mean_interval([0.7, 0.7]).contains(0.7)  # no spread: the point itself
+
+
+def test_difference_interval_is_welch() -> None:
+    # a: mean 72, var 4; b: mean 69, var 1 (n = 3 each). se = √(5/3) = 1.29099,
+    # ν = (5/3)² / ((4/3)²/2 + (1/3)²/2) = 2.94118, t(0.975, 2.94118) = 3.21876 (Welch–Satterthwaite)
+    d = difference_interval([70.0, 72.0, 74.0], [68.0, 69.0, 70.0])
+    assert d.estimate == pytest.approx(3.0)
+    assert (d.low, d.high) == pytest.approx((3 - 4.15540, 3 + 4.15540), abs=1e-4)
+    assert not d.excludes_zero
+    clear = difference_interval([80.0, 81.0, 82.0], [68.0, 69.0, 70.0])
+    assert clear.excludes_zero and clear.low > 0
+    assert not difference_interval([0.7], [0.6, 0.65]).defined
+    assert not difference_interval([0.7, 0.7], [0.6, 0.6]).defined
+
+
+def test_gmoe_rows_are_compared_with_their_backbone_under_the_same_semantics(tmp_path: Path) -> None:
+    gcn = result("gcn", PLAIN, [0.68, 0.69, 0.70])
+    gcn_dropped = result("gcn", PLAIN, [0.60, 0.61, 0.62], drop=0.2)
+    gin = result("gin", PLAIN, [0.65, 0.66, 0.67])
+    # a different hidden size and the MoE keys do not change the semantics; node dropping does
+    gmoe = result("gcn", GMOE, [0.70, 0.71, 0.72], hidden=150)
+    gmoe_dropped = result("gcn", GMOE, [0.80, 0.81, 0.82], drop=0.2, hidden=150)
+    pairs = gains([gcn, gcn_dropped, gin, gmoe, gmoe_dropped])
+    assert [(g.gmoe, g.backbone) for g in pairs] == [(gmoe, gcn), (gmoe_dropped, gcn_dropped)]
+    assert [g.verdict for g in pairs] == ["within noise", "better"]
+    # +2 points: the same spread on both sides, Welch = pooled here: 2 ± t(0.975, 4) · √(2/3) · 1
+    half = 2.776445 * math.sqrt(2 / 3)
+    assert pairs[0].difference.scaled(100).low == pytest.approx(2 - half, abs=1e-3)
+
+    table = gain_table([gcn, gmoe, gmoe_dropped, gcn_dropped]).splitlines()
+    assert table[2] == (f"| gmoe-gcn drop=0.0 | gcn drop=0.0 | ogbg-molbbbp | 3 / 3 | +2.00 | "
+                        f"[{2 - half:+.2f}, {2 + half:+.2f}] | within noise |")
+    assert table[3].endswith("| +20.00 | [+17.73, +22.27] | better |")
+    assert r"$\Delta$ (test) & 95\% CI (Welch)" in latex_table([gcn, gmoe])
+    assert f"[{2 - half:+.2f}, {2 + half:+.2f}]" in latex_table([gcn, gmoe])
+
+    write_csv([gcn, gmoe, gmoe_dropped], tmp_path / "table.csv")
+    gcn_row, gmoe_row, dropped_row = csv.DictReader((tmp_path / "table.csv").open())
+    assert gcn_row["gain"] == "" and gcn_row["paper_mean"] == "0.6887"
+    assert gcn_row["paper_inside_ci"] == "True"  # 68.87 in 69 ± 2.48
+    assert gmoe_row["backbone"] == "gcn drop=0.0" and float(gmoe_row["gain"]) == pytest.approx(0.02)
+    assert gmoe_row["gain_excludes_zero"] == "False"
+    assert gmoe_row["paper_inside_ci"] == "True"  # 70.28 in 71 ± 2.48
+    assert dropped_row["paper_inside_ci"] == "False"  # 70.28 not in 81 ± 2.48
+    assert dropped_row["backbone"] == ""  # its backbone row (with node dropping) is not given
