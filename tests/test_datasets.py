@@ -1,0 +1,93 @@
+"""Every ogbg-mol* config, regression (RMSE, lower is better) and many tasks with missing labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from gmoe_bench.config import validate
+from gmoe_bench.data.from_smiles import write_ogb_folder
+from gmoe_bench.data.ogb import ogb_meta
+from gmoe_bench.reports.cli import main as report_main
+from gmoe_bench.reports.cli import select_main
+from gmoe_bench.train import CONFIG_DIR, train
+from tests.conftest import small_molecules
+from tests.test_robustness import compose_cfg
+
+TINY = ("model.hidden_dim=16", "model.num_layers=2", "trainer.epochs=3", "seeds=[0,1]")
+
+
+def write_dataset(mirror: Path, name: str, labels: np.ndarray) -> None:
+    index = np.arange(len(labels))
+    split = {"train": index[index % 5 >= 2], "valid": index[index % 5 == 0],
+             "test": index[index % 5 == 1]}
+    write_ogb_folder(mirror / name.replace("-", "_"), small_molecules(), labels, split)
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml")))
+def test_every_dataset_config_names_an_ogb_dataset(config: str) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = validate(compose(config_name="train", overrides=[f"dataset={config}"]))
+    assert cfg.dataset.name == config
+    assert ogb_meta(config)["num tasks"]  # in OGB's registry
+
+
+@pytest.fixture(scope="module")
+def regression_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """'ogbg-molesol' with a learnable target: the number of characters of the SMILES / 10."""
+    mirror = tmp_path_factory.mktemp("esol")
+    write_dataset(mirror, "ogbg-molesol", np.array([[len(s) / 10] for s in small_molecules()]))
+    return mirror
+
+
+def test_regression_selects_and_reports_the_lowest_rmse(regression_mirror: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {"gcn": (), "gmoe_k1": ("moe=gmoe", "moe.num_experts=4", "moe.top_k=1"),
+            "gmoe_k2": ("moe=gmoe", "moe.num_experts=4", "moe.top_k=2")}
+    for name, overrides in runs.items():
+        (tmp_path / name).mkdir()
+        train(compose_cfg(tmp_path, regression_mirror, "dataset.name=ogbg-molesol", *TINY,
+                          *overrides), tmp_path / name)
+    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in runs}
+    for summary in summaries.values():
+        assert summary["metric"] == "rmse" and summary["complete"]
+        for seed in summary["seeds"]:  # the best epoch is the one with the lowest validation RMSE
+            valid = [e["valid"] for e in seed["epochs"]]
+            assert seed["best_epoch"] == int(np.argmin(valid)) + 1 and seed["valid"] == min(valid)
+
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "(test rmse)" in table and "× 100" not in table
+    best = min(summaries.values(), key=lambda s: s["aggregate"]["test_mean"])
+    bold = [line for line in table.splitlines() if "**" in line]
+    assert len(bold) == 1 and f"**{best['aggregate']['test_mean']:.2f} ±" in bold[0]
+    gains = table.split("GMoE against the plain backbone")[1].splitlines()
+    assert sum(line.endswith(("| better |", "| worse |", "| within noise |")) for line in gains) == 2
+
+    capsys.readouterr()
+    assert select_main([str(tmp_path), "--backbone", "gcn"]) == 0
+    chosen = min(("gmoe_k1", "gmoe_k2"), key=lambda n: summaries[n]["aggregate"]["valid_mean"])
+    assert f"moe.top_k={summaries[chosen]['config']['moe']['top_k']}" in capsys.readouterr().out
+
+
+def test_many_tasks_with_mostly_missing_labels_train_and_evaluate(tmp_path: Path) -> None:
+    """27 tasks as ogbg-molsider, 80% of the labels missing, some tasks never labelled."""
+    rng = np.random.default_rng(0)
+    smiles = small_molecules()
+    labels = (rng.random((len(smiles), 27)) < 0.5).astype(float)
+    labels[rng.random(labels.shape) < 0.8] = np.nan
+    labels[:, 20:] = np.nan
+    write_dataset(tmp_path / "mirror", "ogbg-molsider", labels)
+    (tmp_path / "run").mkdir()
+    train(compose_cfg(tmp_path, tmp_path / "mirror", "dataset.name=ogbg-molsider", *TINY,
+                      "moe=gmoe", "moe.num_experts=2", "moe.num_hop2=1", "moe.top_k=1"),
+          tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metric"] == "rocauc" and summary["complete"]
+    for seed in summary["seeds"]:
+        assert all(np.isfinite(e["train_loss"]) and 0 < e["train_loss"] < 5 for e in seed["epochs"])
+        assert 0.0 <= seed["test"] <= 1.0
