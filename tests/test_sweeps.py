@@ -68,3 +68,29 @@ def test_seeds_spread_over_jobs_are_merged(small_mirror: Path, tmp_path: Path) -
 def test_report_without_results_is_an_error(tmp_path: Path, capsys) -> None:
     assert report_main([str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+FAST = ("trainer.epochs=1", "trainer.cpu_threads=1", "model.hidden_dim=16", "model.num_layers=2",
+        "logger=none", "seeds=[0]")
+
+
+def test_optuna_search_without_dash_m(small_mirror: Path, tmp_path: Path) -> None:
+    out = tmp_path / "search"
+    proc = run_cli("hparams_search=gmoe_optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={out}",
+                   *FAST, cwd=tmp_path, mirror=small_mirror, data_root=tmp_path / "data")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
+    assert len(trials) == 3 and all(t["config"]["moe"]["num_experts"] in (4, 8) for t in trials)
+    best = (out / "optimization_results.yaml").read_text()
+    best_valid = max(t["aggregate"]["valid_mean"] for t in trials)
+    assert f"best_value: {best_valid}" in best  # the objective is the mean validation metric
+
+
+def test_grid_experiment_sweeps_without_dash_m(small_mirror: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    proc = run_cli("+experiment=paper_baselines", f"hydra.sweep.dir={out}", *FAST, cwd=tmp_path,
+                   mirror=small_mirror, data_root=tmp_path / "data")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    backbones = sorted(json.loads(p.read_text())["config"]["model"]["backbone"]
+                       for p in out.glob("*/summary.json"))
+    assert backbones == ["gcn", "gin"]  # both jobs of the grid, not one default configuration
