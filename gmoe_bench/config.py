@@ -212,17 +212,23 @@ def validate(cfg: DictConfig) -> TrainConfig:
 
 def expert_hidden_dim(model: ModelConfig, moe: MoEConfig) -> int:
     """Hidden size of the network: hidden_dim, or hidden_dim/sqrt(k) for GMoE with scale_hidden."""
-    if moe.enabled and moe.scale_hidden:
-        return max(1, round(model.hidden_dim / math.sqrt(moe.top_k)))
-    return model.hidden_dim
+    return network_width(model.hidden_dim, moe.num_experts, moe.top_k, moe.scale_hidden)
+
+
+def network_width(hidden_dim: int, num_experts: int, top_k: int, scale_hidden: bool) -> int:
+    """:func:`expert_hidden_dim` from the four values (reports read them from stored configs)."""
+    if num_experts > 0 and scale_hidden:
+        return max(1, round(hidden_dim / math.sqrt(top_k)))
+    return hidden_dim
 
 
 def describe(cfg: TrainConfig) -> str:
-    """Short human name of the model, e.g. 'gcn' or 'gmoe-gcn n=8 m=4 k=4 λ=1'."""
+    """Short human name of the model, e.g. 'gcn' or 'gmoe-gcn n=8 hop2=4 k=4 λ=1' (hop2: how many
+    of the n experts are hop-2 ones; the paper's m counts the hop-1 experts, n − hop2)."""
     if not cfg.moe.enabled:
         return cfg.model.backbone
     moe = cfg.moe
-    return (f"gmoe-{cfg.model.backbone} n={moe.num_experts} m={moe.num_hop2} k={moe.top_k} "
+    return (f"gmoe-{cfg.model.backbone} n={moe.num_experts} hop2={moe.num_hop2} k={moe.top_k} "
             f"λ={moe.loss_weight:g}")
 
 

@@ -150,7 +150,7 @@ def test_plain_rows_are_named_by_backbone_only(tmp_path: Path) -> None:
     write_summary(tmp_path / "gmoe", "gcn", {"num_experts": 8, "num_hop2": 8, "top_k": 4,
                                              "loss_weight": 1.0}, valid=0.8)
     labels = sorted(r.label for r in collect([tmp_path]))
-    assert labels == ["gcn", "gcn λ=1 n=8 m=8 k=4", "gin"]
+    assert labels == ["gcn", "gcn λ=1 n=8 hop2=8 k=4", "gin"]
 
 def write_summary(folder: Path, backbone: str, moe: dict, valid: float) -> None:
     config = {"model": {"backbone": backbone}, "moe": moe, "dataset": {"name": "ogbg-molbbbp"}}

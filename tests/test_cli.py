@@ -65,7 +65,7 @@ def test_gmoe_with_hop2_experts_and_node_drop(small_mirror: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     summary = load_summary(tmp_path)
     epoch = summary["seeds"][0]["epochs"][-1]
-    assert summary["model"] == f"gmoe-{backbone} n=4 m=2 k=2 λ=1"
+    assert summary["model"] == f"gmoe-{backbone} n=4 hop2=2 k=2 λ=1"
     assert len(epoch["routing"]) == 5  # one row per layer
     for layer in epoch["routing"]:
         assert sum(layer) == pytest.approx(1.0, abs=1e-4)
@@ -94,8 +94,9 @@ def test_cuda_without_a_gpu_is_a_config_error(small_mirror: Path, tmp_path: Path
 def test_help_lists_the_config_groups(tmp_path: Path) -> None:
     proc = run_cli("--help", cwd=tmp_path, mirror=None, data_root=tmp_path)
     assert proc.returncode == 0
-    for group in ("dataset: ogbg-molbbbp, ogbg-molhiv", "model: gcn, gin", "moe: gmoe, none",
-                  "trainer: default", "logger: none, wandb"):
+    for group in ("dataset: ogbg-molbace, ogbg-molbbbp, ogbg-molclintox", "model: gcn, gin",
+                  "moe: gmoe, none", "trainer: default", "logger: none, wandb", "preset: official",
+                  "hparams_search: gmoe_optuna"):
         assert group in proc.stdout
 
 

@@ -77,3 +77,15 @@ def test_gmoe_rows_are_compared_with_their_backbone_under_the_same_semantics(tmp
     assert gmoe_row["paper_inside_ci"] == "True"  # 70.28 in 71 ± 2.48
     assert dropped_row["paper_inside_ci"] == "False"  # 70.28 not in 81 ± 2.48
     assert dropped_row["backbone"] == ""  # its backbone row (with node dropping) is not given
+
+
+def test_row_labels_show_hop2_and_the_actual_width(tmp_path: Path) -> None:
+    from gmoe_bench.reports.table import _name_rows
+
+    plain = result("gcn", PLAIN, [0.7])
+    scaled = result("gcn", {**GMOE, "num_hop2": 4, "scale_hidden": True}, [0.7])
+    fixed = result("gcn", {**GMOE, "scale_hidden": False}, [0.7], hidden=150)
+    _name_rows([plain, scaled, fixed])
+    # 300/√4 = 150: the scaled and the fixed-150 networks are equally wide
+    assert [r.label for r in (plain, scaled, fixed)] == [
+        "width=300", "λ=1 n=8 hop2=4 k=4 width=150", "λ=1 n=8 hop2=0 k=4 width=150"]

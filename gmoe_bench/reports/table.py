@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gmoe_bench.config import EXECUTION_KEYS, config_identity
+from gmoe_bench.config import EXECUTION_KEYS, config_identity, network_width
 from gmoe_bench.engine.run import LOWER_IS_BETTER
 from gmoe_bench.reports.paper_figures import paper_figure
 from gmoe_bench.reports.stats import LEVEL, Interval, difference_interval, mean_interval
@@ -21,10 +21,9 @@ from gmoe_bench.tracking.summary import SUMMARY_FILE
 log = logging.getLogger(__name__)
 
 # How config keys are written in row names; keys not listed appear in full.
-SHORT_NAMES = {"model.backbone": "", "moe.num_experts": "n", "moe.num_hop2": "m", "moe.top_k": "k",
+SHORT_NAMES = {"model.backbone": "", "moe.num_experts": "n", "moe.num_hop2": "hop2", "moe.top_k": "k",
                "moe.loss_weight": "λ", "moe.dispatch": "dispatch", "moe.combine": "combine",
-               "model.hidden_dim": "hidden", "dataset.drop_node_p": "drop",
-               "moe.scale_hidden": "scale_hidden"}
+               "width": "width", "dataset.drop_node_p": "drop"}
 # Keys that never name a row: execution details, and the dataset (it is the column).
 IGNORED_PREFIXES = (*EXECUTION_KEYS, "dataset.name")
 # What a GMoE row may differ in from its backbone's row and still be compared with it: everything
@@ -99,10 +98,20 @@ def collect(dirs: list[Path]) -> list[ConfigResult]:
     return results
 
 
+def _label_values(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys that may name a row, with the hidden size as the network's actual width
+    (``hidden_dim/√k`` for GMoE with ``scale_hidden``) in place of the two keys that set it."""
+    flat = {k: v for k, v in flatten(config).items() if not k.startswith(IGNORED_PREFIXES)}
+    hidden, scale = flat.pop("model.hidden_dim", None), flat.pop("moe.scale_hidden", False)
+    if hidden is not None:
+        flat["width"] = network_width(hidden, flat.get("moe.num_experts", 0),
+                                      flat.get("moe.top_k", 1), scale)
+    return flat
+
+
 def _name_rows(results: list[ConfigResult]) -> None:
     """Name each configuration by the config values that differ between configurations."""
-    flat = [{k: v for k, v in flatten(r.config).items() if not k.startswith(IGNORED_PREFIXES)}
-            for r in results]
+    flat = [_label_values(r.config) for r in results]
     keys = sorted({k for f in flat for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
     # MoE keys mean nothing for the plain backbone (n=0): leave them out of its name.
