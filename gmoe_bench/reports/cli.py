@@ -54,6 +54,15 @@ def dirs_exist(prog: str, dirs: list[Path], hint: str = "") -> bool:
     return not missing
 
 
+def out_is_folder(prog: str, out: Path) -> bool:
+    """False, after saying so, when ``--out`` names something that is not a folder."""
+    if out.exists() and not out.is_dir():
+        print(f"{prog}: error: --out {out} is a file; give a folder (new or existing) for the "
+              "report.", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gmoe-report",
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if not dirs_exist("gmoe-report", args.dirs):
+    if not (dirs_exist("gmoe-report", args.dirs) and out_is_folder("gmoe-report", args.out)):
         return 2
     results = collect(args.dirs)
     if not results:
@@ -105,7 +114,11 @@ def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
     config = result.config
     if checkpoint_root is not None:
         config = {**config, "trainer": {**config["trainer"], "checkpoint_dir": str(checkpoint_root)}}
-    directory = checkpoint_directory(config, result.dataset)
+    if result.fingerprint is not None and result.fingerprint != data.fingerprint:
+        raise UserError(f"'{result.label}' was trained on other data than {data.folder} holds now "
+                        f"(content hash {result.fingerprint}, now {data.fingerprint}); routing it on "
+                        "this data would mislead. Restore the data it was trained on.")
+    directory = checkpoint_directory(config, result.dataset, result.fingerprint)
     loader = DataLoader(data.graphs[data.split[split]], batch_size=cfg.trainer.eval_batch_size)
     counts = []
     for seed in sorted(s["seed"] for s in result.seeds):
@@ -117,7 +130,13 @@ def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
                             "and re-run the same command; if the checkpoints were moved, pass "
                             "--checkpoint-dir.")
         model = build_model(cfg.model, cfg.moe, data.num_tasks)
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu"))
+        except Exception as err:  # truncated, foreign or of another architecture
+            raise UserError(f"{path} cannot be loaded as the weights of seed {seed} of "
+                            f"'{result.label}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
+                            "Delete the seed's .json beside it and re-run the same command to "
+                            "train it again.") from err
         counts.append(routing_counts(model, loader, torch.device("cpu")))
     return RoutingAnalysis(result.label, result.dataset, cfg.moe.num_hop2, cfg.moe.top_k,
                            sorted(s["seed"] for s in result.seeds), counts)
@@ -139,7 +158,7 @@ def routing_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if not dirs_exist("gmoe-routing", args.dirs):
+    if not (dirs_exist("gmoe-routing", args.dirs) and out_is_folder("gmoe-routing", args.out)):
         return 2
     # k = n routes every node to every expert: there is no choice to relate to structure.
     results = [r for r in collect(args.dirs)
