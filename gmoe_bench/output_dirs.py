@@ -1,4 +1,4 @@
-"""Hydra resolvers that keep every output folder unique and every folder name valid.
+"""Unique, valid folder and file names: Hydra resolvers for output folders, and names to set aside.
 
 ``configs/hydra/default.yaml`` uses them: ``${gmoe.unique_dir:outputs/DATE/TIME}`` claims the
 folder with an exclusive ``mkdir`` (a second run in the same second gets ``TIME_2``), and
@@ -10,6 +10,7 @@ Both are cached by OmegaConf, so the jobs of a sweep, pickled to other processes
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,6 +29,16 @@ def unique_dir(base: str) -> str:
         except FileExistsError:
             n += 1
             candidate = path.with_name(f"{path.name}_{n}")
+
+
+def aside_name(path: Path, why: str) -> Path:
+    """A free name beside ``path`` to move it to: ``<name>.<why>-<time>``, numbered if taken."""
+    base = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}_{n}")
+    return candidate
 
 
 def dir_name(name: str) -> str:

@@ -22,7 +22,7 @@ from gmoe_bench.config import check_override_keys, describe, validate
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, check_writable, checkpoint_directory
 from gmoe_bench.engine.run import resolve_device, run_seed
-from gmoe_bench.errors import ConfigError, TrainingError, UserError
+from gmoe_bench.errors import ConfigError, TrainingError, UserError, describe_error
 from gmoe_bench.tracking.summary import (
     SUMMARY_FILE,
     aggregate,
@@ -126,7 +126,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
                 result = run_seed(typed, data, seed, device, wandb.log_epoch, checkpoint)
             except Exception as err:  # one seed's failure, whatever it is, never stops the others
                 error = str(err) if isinstance(err, TrainingError) else (
-                    f"seed {seed} failed: {type(err).__name__}: {err}")
+                    f"seed {seed} failed: {describe_error(err)}")
                 log.error("%s", error)
                 summary["failed_seeds"].append({"seed": seed, "error": error})
                 wandb.end_seed(None)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import gzip
+import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -15,10 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from gmoe_bench import output_dirs
+from gmoe_bench.config import ModelConfig, MoEConfig, validate
 from gmoe_bench.data import ogb
 from gmoe_bench.data.ogb import load_dataset
-from gmoe_bench.errors import DataError
+from gmoe_bench.errors import ConfigError, DataError, TrainingError
+from gmoe_bench.model import build_model
+from gmoe_bench.reports.table import collect
+from gmoe_bench.train import CONFIG_DIR, default_threads, train
 from tests.conftest import small_molecules
 from tests.test_data import dataset_cfg
 
@@ -158,3 +167,160 @@ def test_waiting_for_the_dataset_lock_is_announced(local_copy: Path,
         waiter.join(timeout=30)
     assert "Waiting for" in caplog.text and str(local_copy.parent) in caplog.text
     assert len(result[0].graphs) == N
+
+
+# --- runs: identity, output folders, threads, seeds that fail --------------------------------------
+
+def compose_run(tmp_path: Path, root: Path, *overrides: str, mirror: Path | None = None):
+    """The composed config of a one-epoch run on the small dataset in ``root``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[
+            f"dataset.mirror={mirror}" if mirror else "dataset.mirror=null",
+            f"dataset.root={root}", f"trainer.checkpoint_dir={tmp_path / 'ckpt'}",
+            "trainer.progress=false", "trainer.cpu_threads=1", "trainer.epochs=1", "seeds=[0]",
+            "logger=none", *overrides])
+
+
+def summary_of(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+def test_another_copy_of_the_data_is_another_run(local_copy: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other" / "ogbg_molbbbp"
+    shutil.copytree(local_copy, other)
+    flip_labels(other)
+    for name, root in (("a", local_copy.parent), ("b", other.parent)):
+        (tmp_path / name).mkdir()
+        train(compose_run(tmp_path, root), tmp_path / name)
+    a, b = summary_of(tmp_path / "a"), summary_of(tmp_path / "b")
+    assert a["data"]["fingerprint"] != b["data"]["fingerprint"]
+    assert a["seeds"][0]["test"] != b["seeds"][0]["test"]  # b trained, not "already finished"
+    results = collect([tmp_path / "a", tmp_path / "b"])
+    assert len(results) == 2 and len({r.label for r in results}) == 2  # two rows, not one merged
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    dirs = []
+    for _ in range(2):  # as two gmoe-train processes compose the same hydra.run.dir
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", return_hydra_config=True)
+        dirs.append(OmegaConf.select(cfg, "hydra.run.dir"))
+        assert OmegaConf.select(cfg, "hydra.run.dir") == dirs[-1]  # resolved once, then cached
+    assert dirs[0] != dirs[1] and all(Path(d).is_dir() for d in dirs)
+
+
+SIXTEEN = ["moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2", "moe.loss_weight=0.123456789",
+           "moe.noisy_gating=false", "moe.combine=mean", "moe.dispatch=dense", "moe.scale_hidden=false",
+           "model=gin", "model.num_layers=3", "model.hidden_dim=64", "model.dropout=0.25",
+           "model.pooling=sum", "dataset.drop_node_p=0.1", "trainer.lr=0.000123456789",
+           "dataset.root=../../shared/datasets/molecules/ogb"]
+
+
+@pytest.mark.parametrize("overrides", [SIXTEEN[-1:], SIXTEEN])
+def test_sweep_folder_names_are_one_valid_component(overrides: list[str]) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=[*overrides, "hydra.job.num=7"])
+    subdir = OmegaConf.select(cfg, "hydra.sweep.subdir")
+    assert "/" not in subdir and len(subdir.encode()) <= 255  # '..' cannot move it, nor length
+    assert subdir.startswith("7_") and "dataset.root=.._.._shared" in subdir
+    if len(overrides) > 1:
+        assert len(cfg.hydra.job.override_dirname) > 255  # the name Hydra would have used
+        other = output_dirs.dir_name(cfg.hydra.job.override_dirname.replace("0.25", "0.3"))
+        assert subdir != f"7_{other}"  # shortened names still tell configurations apart
+
+
+def test_parallel_jobs_split_the_cores() -> None:
+    assert default_threads(None, 16) == 16  # one job at a time
+    assert default_threads({"n_jobs": 2}, 2) == 1
+    assert default_threads({"n_jobs": 4}, 16) == 4
+    assert default_threads({"n_jobs": -1}, 16) == 1
+    assert default_threads({"cpus_per_task": 1, "gpus_per_node": 0}, 16) == 1
+    assert default_threads({"cpus_per_task": 8}, 4) == 4
+    for launcher in ("parallel", "slurm_local"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", return_hydra_config=True,
+                          overrides=[f"hydra/launcher={launcher}"])
+        assert default_threads(OmegaConf.to_container(cfg.hydra.launcher), 16) < 16
+
+
+def test_one_graph_last_batch_with_virtual_node_trains(local_copy: Path, tmp_path: Path) -> None:
+    train_size = len(load_dataset(dataset_cfg(local_copy.parent, None)).split["train"])
+    train(compose_run(tmp_path, local_copy.parent, "model.virtual_node=true",
+                      f"trainer.batch_size={train_size - 1}"), tmp_path)
+    (epoch,) = summary_of(tmp_path)["seeds"][0]["epochs"]
+    assert epoch["skipped_batches"] == 1
+
+
+@pytest.mark.parametrize("overrides", [
+    ["moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2", "trainer.lr=1e38"],  # NaN in the gate
+    ["trainer.lr=1e30", "trainer.batch_size=5000"],  # NaN predictions in evaluation
+])
+def test_divergence_fails_each_seed_with_a_summary(local_copy: Path, tmp_path: Path,
+                                                   overrides: list[str]) -> None:
+    with pytest.raises(TrainingError, match=r"seed\(s\) 0, 1 failed"):
+        train(compose_run(tmp_path, local_copy.parent, "seeds=[0,1]", *overrides), tmp_path)
+    summary = summary_of(tmp_path)
+    assert [f["seed"] for f in summary["failed_seeds"]] == [0, 1] and not summary["complete"]
+    assert all("diverged in epoch 1" in f["error"] for f in summary["failed_seeds"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("moe.loss_weight=inf", r"moe.loss_weight=inf \(λ\) must be a finite number"),
+    ("seeds=[-1]", "every seed must be between 0 and 2\\*\\*32 - 1"),
+    ("seeds=[4294967296]", "every seed must be between 0 and 2\\*\\*32 - 1"),
+    ("trainer.device=cuda:x", "trainer.device='cuda:x' must be auto, cpu, cuda or cuda:N"),
+    ("logger.wandb.init_timeout=0", "logger.wandb.init_timeout=0.0 must be positive"),
+])
+def test_out_of_range_values_are_config_errors(tmp_path: Path, override: str, message: str) -> None:
+    cfg = compose_run(tmp_path, tmp_path / "data", "moe.num_experts=2", override)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_unwritable_checkpoint_dir_is_refused_before_training(local_copy: Path,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "ckpt").write_text("a file, not a folder")
+    with pytest.raises(ConfigError, match=r"Cannot write checkpoints to .*ckpt.*trainer\.checkpoint_dir"):
+        train(compose_run(tmp_path, local_copy.parent), tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_full_checkpoint_disk_fails_the_seeds_not_the_summary(local_copy: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    load_dataset(dataset_cfg(local_copy.parent, None))  # processed before the disk "fills up"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(TrainingError, match=r"seed\(s\) 0, 1 failed"):
+        train(compose_run(tmp_path, local_copy.parent, "seeds=[0,1]"), tmp_path)
+    failed = summary_of(tmp_path)["failed_seeds"]
+    assert [f["seed"] for f in failed] == [0, 1]
+    assert all(re.search(r"Could not write .*seed_\d\.best\.pt \(No space left on device\)", f["error"])
+               for f in failed)
+
+
+def test_unusable_seed_files_are_set_aside_and_the_seed_reruns(local_copy: Path,
+                                                               tmp_path: Path) -> None:
+    train(compose_run(tmp_path, local_copy.parent), tmp_path)
+    (result,) = (tmp_path / "ckpt").rglob("seed_0.json")
+    reference = summary_of(tmp_path)["seeds"][0]["test"]
+    for content in ('{"seed": 0, "valid": 0.9', "{}"):  # truncated, foreign
+        result.write_text(content)
+        train(compose_run(tmp_path, local_copy.parent), tmp_path)
+        assert summary_of(tmp_path)["seeds"][0]["test"] == reference  # trained again
+    assert sorted(p.read_text() for p in result.parent.glob("seed_0.json.unusable-*")) == [
+        '{"seed": 0, "valid": 0.9', "{}"]  # kept, not deleted
+    # a checkpoint of another architecture in the folder: set aside, the seed starts over
+    result.unlink()
+    other = build_model(ModelConfig("gin", 2, 8, 0.5, False, "mean"),
+                        MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True), 1)
+    torch.save({"model": other.state_dict(), "optimizer": {}, "rng": {}, "records": [],
+                "wall_seconds": 0.0}, result.with_name("seed_0.pt"))
+    train(compose_run(tmp_path, local_copy.parent), tmp_path)
+    assert summary_of(tmp_path)["seeds"][0]["test"] == reference
+    assert list(result.parent.glob("seed_0.pt.unusable-*"))

@@ -16,7 +16,6 @@ import logging
 import os
 import pickle
 import shutil
-import time
 import urllib.error
 import zipfile
 import zlib
@@ -36,6 +35,7 @@ from torch_geometric.data.storage import GlobalStorage
 
 from gmoe_bench.config import DatasetConfig
 from gmoe_bench.errors import DataError
+from gmoe_bench.output_dirs import aside_name
 
 # What ogb 1.3.6 pickles in processed/geometric_data_processed.pt beyond what PyG allowlists itself.
 PYG_PICKLED_CLASSES = [DataEdgeAttr, DataTensorAttr, GlobalStorage]
@@ -240,7 +240,7 @@ def _copy_from_mirror(source: Path, meta: pd.Series, target: Path) -> None:
 
 def _set_aside(folder: Path, why: str) -> Path:
     """Rename ``folder`` out of the way (never delete what the user may have put there)."""
-    aside = folder.with_name(f"{folder.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = aside_name(folder, why)
     folder.rename(aside)
     return aside
 

@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 
 from gmoe_bench.config import config_identity
 from gmoe_bench.errors import ConfigError, TrainingError
+from gmoe_bench.output_dirs import aside_name
 from gmoe_bench.tracking.summary import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def check_writable(directory: Path) -> None:
 
 def set_aside(path: Path, reason: str) -> None:
     """Rename an unusable file out of the way (never delete it) and say so."""
-    aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = aside_name(path, "unusable")
     path.rename(aside)
     log.warning("%s cannot be used (%s); moved to %s, the seed starts over.", path, reason, aside)
 

@@ -18,7 +18,7 @@ from gmoe_bench.config import TrainConfig
 from gmoe_bench.data.ogb import MolDataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state
 from gmoe_bench.engine.loop import EpochStats, evaluate, train_epoch
-from gmoe_bench.errors import ConfigError, TrainingError
+from gmoe_bench.errors import ConfigError, TrainingError, describe_error
 from gmoe_bench.model import build_model
 from gmoe_bench.tracking.summary import CODE_COMMIT
 
@@ -145,10 +145,14 @@ def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device
             test = evaluate(model, test_loader, evaluator, device, t.progress)
         except (TrainingError, ValueError, RuntimeError) as err:
             # A diverged model fails anywhere (NaN in the gate's Normal, in the metric, ...).
-            if not isinstance(err, TrainingError) and all(p.isfinite().all() for p in model.parameters()):
+            if isinstance(err, TrainingError):
+                reason = str(err)
+            elif all(p.isfinite().all() for p in model.parameters()):
                 raise
-            raise TrainingError(f"seed {seed} diverged in epoch {epoch}: {err}. Lower trainer.lr or "
-                                "moe.loss_weight; the other seeds and finished results are kept."
+            else:  # describe_error: the first line only, the rest can be a tensor of NaN
+                reason = f"its weights are no longer finite ({describe_error(err)})"
+            raise TrainingError(f"seed {seed} diverged in epoch {epoch}: {reason}. Lower trainer.lr "
+                                "or moe.loss_weight; the other seeds and finished results are kept."
                                 ) from err
         record = EpochRecord(
             epoch=epoch,

@@ -15,7 +15,7 @@ from torch_geometric.loader import DataLoader
 from gmoe_bench.config import validate
 from gmoe_bench.data.ogb import MolDataset, load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
-from gmoe_bench.errors import UserError
+from gmoe_bench.errors import UserError, describe_error
 from gmoe_bench.model import build_model
 from gmoe_bench.reports.paper import (
     best_per_backbone,
@@ -134,7 +134,7 @@ def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
             model.load_state_dict(torch.load(path, map_location="cpu"))
         except Exception as err:  # truncated, foreign or of another architecture
             raise UserError(f"{path} cannot be loaded as the weights of seed {seed} of "
-                            f"'{result.label}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
+                            f"'{result.label}' ({describe_error(err)}). "
                             "Delete the seed's .json beside it and re-run the same command to "
                             "train it again.") from err
         counts.append(routing_counts(model, loader, torch.device("cpu")))
