@@ -142,12 +142,17 @@ def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> N
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as err:
-        problem = " ".join(str(err).split())  # Hydra's message spans lines
-        raise ConfigError(f"{problem} (quote values with special characters, e.g. "
-                          "'seeds=[0,1]').") from None
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except HydraException as err:
+            problem = str(err).strip().splitlines()[-2 if "\nSee " in str(err) else -1]
+            raise ConfigError(f"Cannot parse the override '{override}': {problem.strip()}; see "
+                              "https://hydra.cc/docs/advanced/override_grammar/basic/ (values with "
+                              "brackets or commas need quotes in the shell, e.g. 'seeds=[0,1]')."
+                              ) from None
+    parsed = parser.parse_overrides(overrides)
     known = set(valid_keys())
     for override in parsed:
         key = override.key_or_group

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,13 +22,18 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from gmoe_bench import output_dirs
-from gmoe_bench.config import ModelConfig, MoEConfig, validate
+from gmoe_bench import train as train_module
+from gmoe_bench.config import ModelConfig, MoEConfig, WandbConfig, validate
 from gmoe_bench.data import ogb
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.errors import ConfigError, DataError, TrainingError
 from gmoe_bench.model import build_model
+from gmoe_bench.reports.cli import main as report_main
+from gmoe_bench.reports.cli import routing_main, select_main
 from gmoe_bench.reports.table import collect
+from gmoe_bench.tracking.wandb_logger import WandbLogger
 from gmoe_bench.train import CONFIG_DIR, default_threads, train
+from gmoe_bench.train import main as train_main
 from tests.conftest import small_molecules
 from tests.test_data import dataset_cfg
 
@@ -324,3 +330,137 @@ def test_unusable_seed_files_are_set_aside_and_the_seed_reruns(local_copy: Path,
     train(compose_run(tmp_path, local_copy.parent), tmp_path)
     assert summary_of(tmp_path)["seeds"][0]["test"] == reference
     assert list(result.parent.glob("seed_0.pt.unusable-*"))
+
+
+# --- W&B never blocks --------------------------------------------------------------------------
+
+class FakeRun:
+    def __init__(self) -> None:
+        self.summary: dict = {}
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self, *args, **kwargs) -> None:
+        pass
+
+
+def online_logger(tmp_path: Path) -> WandbLogger:
+    cfg = WandbConfig(mode="online", project="p", entity=None, tags=[], name=None, init_timeout=3)
+    return WandbLogger(cfg, {"a": 1}, "ogbg-molbbbp", "gcn", "rocauc", 1, tmp_path)
+
+
+def test_wandb_online_without_a_key_goes_offline_without_prompting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import wandb
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("W&B prompted for input"))
+    modes = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: modes.append(
+        (kw["mode"], kw["settings"].init_timeout)) or FakeRun())
+    logger = online_logger(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        for seed in (0, 1):
+            logger.start_seed(seed)
+            logger.end_seed(None)
+    assert modes == [("offline", 3), ("offline", 3)]
+    warnings = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
+    assert len(warnings) == 1 and "no API key" in warnings[0]
+
+
+def test_wandb_server_that_does_not_answer_costs_one_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import wandb
+
+    modes = []
+
+    def init(**kw):
+        modes.append(kw["mode"])
+        if kw["mode"] == "online":
+            raise wandb.errors.CommError("Run initialization has timed out after 3.0 sec.")
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "login", lambda **kw: True)  # a key is set
+    monkeypatch.setattr(wandb, "init", init)
+    logger = online_logger(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        for seed in (0, 1):
+            logger.start_seed(seed)
+            logger.end_seed(None)
+    assert modes == ["online", "offline", "offline"]  # one wait, then offline for the job
+    warnings = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
+    assert len(warnings) == 1 and "init_timeout=3" in warnings[0] and logger.enabled
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+def test_reports_skip_unreadable_summaries_and_name_them(
+        local_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "runs" / "good"
+    run.mkdir(parents=True)
+    train(compose_run(tmp_path, local_copy.parent), run)
+    for name, content in (("truncated", '{"dataset": "ogbg-mol'), ("foreign", '{"loss": 1}')):
+        (tmp_path / "runs" / name).mkdir()
+        (tmp_path / "runs" / name / "summary.json").write_text(content)
+    with caplog.at_level(logging.WARNING):
+        assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    assert f"Skipping {tmp_path / 'runs' / 'truncated' / 'summary.json'}" in caplog.text
+    assert f"Skipping {tmp_path / 'runs' / 'foreign' / 'summary.json'}" in caplog.text
+    capsys.readouterr()
+    assert len(collect([tmp_path / "runs"])) == 1
+    (tmp_path / "taken").write_text("x")
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "taken")]) == 2
+    assert f"--out {tmp_path / 'taken'} is a file" in capsys.readouterr().err
+    assert select_main([str(tmp_path / "runs"), "--backbone", "gcn"]) == 2  # one config: no choice
+    assert "fewer than two GMoE configurations" in capsys.readouterr().err
+
+
+def test_routing_names_a_corrupt_weights_file(local_copy: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    train(compose_run(tmp_path, local_copy.parent, "moe.num_experts=2", "moe.top_k=1",
+                      "model.hidden_dim=16"), tmp_path)
+    (best,) = (tmp_path / "ckpt").rglob("seed_0.best.pt")
+    best.write_bytes(best.read_bytes()[:200])
+    assert routing_main([str(tmp_path), "--out", str(tmp_path / "routing")]) == 2
+    err = capsys.readouterr().err
+    assert f"{best} cannot be loaded as the weights of seed 0" in err and "Traceback" not in err
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def run_main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["gmoe-train", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        train_main()
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["seeds=[0,1"], "Cannot parse the override 'seeds=[0,1': no viable alternative"),
+    (["dataset=ogbg-moltox21"], "dataset=ogbg-moltox21 is not one of the dataset configs "
+     "(ogbg-molbbbp, ogbg-molhiv). For any other OGB dataset, use dataset.name=ogbg-moltox21."),
+    (["-m", "model=gcn,gat"], "model=gat is not one of the model configs (gcn, gin)."),
+])
+def test_command_line_errors_are_one_sentence_and_exit_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str],
+        message: str) -> None:
+    assert run_main(monkeypatch, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gmoe-train: error: ") and message in err and err.count("\n") == 1
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_hydra_main", interrupted)
+    assert run_main(monkeypatch, "seeds=[0]") == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "re-run the same command" in err and "Traceback" not in err
