@@ -83,7 +83,7 @@ class WandbConfig:
     entity: str | None = MISSING
     tags: list[str] = field(default_factory=list)
     name: str | None = MISSING
-    init_timeout: float = MISSING
+    timeout: float = MISSING
 
 
 @dataclass
@@ -233,8 +233,8 @@ def validate(cfg: DictConfig) -> TrainConfig:
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
              f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N.")
     _check_choice("logger.wandb.mode", typed.logger.wandb.mode, WANDB_MODES)
-    _require(typed.logger.wandb.init_timeout > 0,
-             f"logger.wandb.init_timeout={typed.logger.wandb.init_timeout} must be positive.")
+    _require(typed.logger.wandb.timeout > 0,
+             f"logger.wandb.timeout={typed.logger.wandb.timeout} must be positive.")
     return typed
 
 

@@ -278,7 +278,7 @@ def test_divergence_fails_each_seed_with_a_summary(local_copy: Path, tmp_path: P
     ("seeds=[-1]", "every seed must be between 0 and 2\\*\\*32 - 1"),
     ("seeds=[4294967296]", "every seed must be between 0 and 2\\*\\*32 - 1"),
     ("trainer.device=cuda:x", "trainer.device='cuda:x' must be auto, cpu, cuda or cuda:N"),
-    ("logger.wandb.init_timeout=0", "logger.wandb.init_timeout=0.0 must be positive"),
+    ("logger.wandb.timeout=0", "logger.wandb.timeout=0.0 must be positive"),
 ])
 def test_out_of_range_values_are_config_errors(tmp_path: Path, override: str, message: str) -> None:
     cfg = compose_run(tmp_path, tmp_path / "data", "moe.num_experts=2", override)
@@ -346,7 +346,7 @@ class FakeRun:
 
 
 def online_logger(tmp_path: Path) -> WandbLogger:
-    cfg = WandbConfig(mode="online", project="p", entity=None, tags=[], name=None, init_timeout=3)
+    cfg = WandbConfig(mode="online", project="p", entity=None, tags=[], name=None, timeout=3)
     return WandbLogger(cfg, {"a": 1}, "ogbg-molbbbp", "gcn", "rocauc", 1, tmp_path)
 
 
@@ -362,13 +362,13 @@ def test_wandb_online_without_a_key_goes_offline_without_prompting(
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("W&B prompted for input"))
     modes = []
     monkeypatch.setattr(wandb, "init", lambda **kw: modes.append(
-        (kw["mode"], kw["settings"].init_timeout)) or FakeRun())
+        (kw["mode"], kw["settings"].init_timeout, kw["settings"].finish_timeout)) or FakeRun())
     logger = online_logger(tmp_path)
     with caplog.at_level(logging.WARNING):
         for seed in (0, 1):
             logger.start_seed(seed)
             logger.end_seed(None)
-    assert modes == [("offline", 3), ("offline", 3)]
+    assert modes == [("offline", 3, 3), ("offline", 3, 3)]
     warnings = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
     assert len(warnings) == 1 and "no API key" in warnings[0]
 
@@ -394,7 +394,7 @@ def test_wandb_server_that_does_not_answer_costs_one_timeout(
             logger.end_seed(None)
     assert modes == ["online", "offline", "offline"]  # one wait, then offline for the job
     warnings = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
-    assert len(warnings) == 1 and "init_timeout=3" in warnings[0] and logger.enabled
+    assert len(warnings) == 1 and "logger.wandb.timeout=3" in warnings[0] and logger.enabled
 
 
 # --- reports -----------------------------------------------------------------------------------
