@@ -136,8 +136,8 @@ def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> N
     config group option that does not exist, each with the fix (Hydra would exit 1 with its own
     message, e.g. suggest '+key=value', which only moves the error on).
 
-    ``groups`` maps each config group to its options. Additions (``+key``), deletions and Hydra's
-    own keys pass.
+    ``groups`` maps each config group to its options (``+experiment=...`` is checked too). Other
+    additions (``+key``), deletions and Hydra's own keys pass.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -156,7 +156,7 @@ def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> N
     known = set(valid_keys())
     for override in parsed:
         key = override.key_or_group
-        if override.is_add() or override.is_delete() or key.startswith("hydra") or "/" in key:
+        if override.is_delete() or key.startswith("hydra") or "/" in key:
             continue
         if key in groups:
             values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
@@ -168,7 +168,7 @@ def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> N
                     raise ConfigError(f"{key}={value} is not one of the {key} configs "
                                       f"({', '.join(groups[key])}).{hint}")
             continue
-        if key in known:
+        if key in known or override.is_add():
             continue
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -205,6 +205,20 @@ def test_another_copy_of_the_data_is_another_run(local_copy: Path, tmp_path: Pat
     assert len(results) == 2 and len({r.label for r in results}) == 2  # two rows, not one merged
 
 
+def test_seeds_from_before_data_fingerprints_are_not_reused_but_named(
+        local_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    train(compose_run(tmp_path, local_copy.parent), tmp_path)
+    (result,) = (tmp_path / "ckpt").rglob("seed_0.json")
+    legacy = result.parent.parent  # <dataset>/<config id>/, the folder of older versions
+    for path in result.parent.iterdir():
+        path.rename(legacy / path.name)
+    result.parent.rmdir()
+    with caplog.at_level(logging.WARNING):
+        train(compose_run(tmp_path, local_copy.parent), tmp_path)
+    assert f"{legacy} holds seeds of this config from before" in caplog.text
+    assert result.is_file() and (legacy / "seed_0.json").is_file()  # retrained; the old one kept
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -446,6 +460,7 @@ def run_main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
     (["dataset=ogbg-moltox21"], "dataset=ogbg-moltox21 is not one of the dataset configs "
      "(ogbg-molbbbp, ogbg-molhiv). For any other OGB dataset, use dataset.name=ogbg-moltox21."),
     (["-m", "model=gcn,gat"], "model=gat is not one of the model configs (gcn, gin)."),
+    (["+experiment=paper_molbbb"], "experiment=paper_molbbb is not one of the experiment configs"),
 ])
 def test_command_line_errors_are_one_sentence_and_exit_2(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str],
