@@ -39,30 +39,31 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 output_dirs.register()  # before Hydra resolves hydra.run.dir (configs/hydra/default.yaml)
 
 
-def default_threads(launcher: Mapping[str, Any] | None, cores: int) -> int:
-    """torch threads for a job when trainer.cpu_threads=0: its share of the ``cores`` it may use.
+def default_threads(launcher: Mapping[str, Any] | None, cores: int) -> int | None:
+    """torch threads for a job when trainer.cpu_threads=0: its share of the ``cores`` it may use,
+    or None (torch's default) when it runs alone.
 
     ``launcher`` is the Hydra launcher config of a sweep (None for a single run): joblib runs
     ``n_jobs`` jobs at once on this machine (-1: one per core), submitit gives each job
     ``cpus_per_task`` cores; Hydra's basic launcher runs one job at a time."""
     if launcher is None:
-        return cores
+        return None
     if "n_jobs" in launcher:
         jobs = launcher["n_jobs"]
         return max(1, cores // (cores if jobs is None or jobs < 0 else max(jobs, 1)))
     if launcher.get("cpus_per_task"):
         return max(1, min(cores, int(launcher["cpus_per_task"])))
-    return cores
+    return None
 
 
-def thread_count(requested: int) -> int:
-    """``trainer.cpu_threads``, or for 0 this job's share of the cores (default_threads)."""
-    if requested:
-        return requested
+def set_threads(requested: int) -> None:
+    """Use ``trainer.cpu_threads`` torch threads, or for 0 this job's share (default_threads)."""
     launcher = None
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         launcher = OmegaConf.to_container(HydraConfig.get().launcher)
-    return default_threads(launcher, len(os.sched_getaffinity(0)))
+    threads = requested or default_threads(launcher, len(os.sched_getaffinity(0)))
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def job_command() -> str:
@@ -81,7 +82,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     the others go on, and TrainingError is raised at the end.
     """
     typed = validate(cfg)
-    torch.set_num_threads(thread_count(typed.trainer.cpu_threads))
+    set_threads(typed.trainer.cpu_threads)
     device = resolve_device(typed.trainer.device)
     data = load_dataset(typed.dataset)
     model_name = describe(typed)
@@ -124,6 +125,8 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
             wandb.start_seed(seed)
             try:
                 result = run_seed(typed, data, seed, device, wandb.log_epoch, checkpoint)
+            except UserError:
+                raise  # bad input fails every seed alike: exit 2 now
             except Exception as err:  # one seed's failure, whatever it is, never stops the others
                 error = str(err) if isinstance(err, TrainingError) else (
                     f"seed {seed} failed: {describe_error(err)}")
