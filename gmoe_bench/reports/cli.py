@@ -167,13 +167,14 @@ def routing_main(argv: list[str] | None = None) -> int:
         print(f"gmoe-routing: error: no GMoE run with top_k < num_experts and a finished seed under "
               f"{', '.join(map(str, args.dirs))}.", file=sys.stderr)
         return 2
-    datasets: dict[str, MolDataset] = {}
+    datasets: dict[tuple[str, str], MolDataset] = {}  # by (name, root): copies may differ
     analyses = []
     try:
         for result in results:
-            if result.dataset not in datasets:
-                datasets[result.dataset] = load_dataset(validate(OmegaConf.create(result.config)).dataset)
-            analyses.append(analyse_routing(result, datasets[result.dataset], args.split,
+            key = (result.dataset, result.config["dataset"]["root"])
+            if key not in datasets:
+                datasets[key] = load_dataset(validate(OmegaConf.create(result.config)).dataset)
+            analyses.append(analyse_routing(result, datasets[key], args.split,
                                             args.checkpoint_dir))
     except UserError as err:
         print(f"gmoe-routing: error: {err}", file=sys.stderr)
