@@ -92,6 +92,10 @@ def missing_files(folder: Path, meta: pd.Series) -> list[str]:
     return [f for f in needed_files(meta) if not (folder / f).is_file()]
 
 
+def _not_integers(values: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(values) | (np.nan_to_num(values) % 1 != 0)
+
+
 def _read_table(path: Path, columns: int, numbers: str, dataset: str) -> np.ndarray:
     """Every row of one raw file as a float array, or a DataError naming the file and first bad row.
 
@@ -101,7 +105,7 @@ def _read_table(path: Path, columns: int, numbers: str, dataset: str) -> np.ndar
         return DataError(f"{path} {problem}. Replace the dataset folder with a complete OGB-format "
                          "copy (the official zip as it extracts).")
     try:
-        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, header=None)
     except pd.errors.EmptyDataError:
         return np.zeros((0, columns))  # no rows (e.g. no bonds at all)
     except pd.errors.ParserError as err:  # e.g. a row with an extra column
@@ -110,16 +114,19 @@ def _read_table(path: Path, columns: int, numbers: str, dataset: str) -> np.ndar
         raise bad(f"cannot be read ({err}); the file is corrupt") from err
     if frame.shape[1] != columns:
         raise bad(f"has {frame.shape[1]} columns where {dataset} needs {columns}")
-    text = frame.to_numpy()
-    values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-    invalid = np.isnan(values) & (text != "") if numbers == "label" else ~np.isfinite(values)
-    if numbers == "int":
-        invalid |= np.where(np.isfinite(values), values % 1 != 0, False)
-    if invalid.any():
-        row = int(np.argwhere(invalid)[0][0])
-        kind = "numbers" if numbers == "label" else "integers"
-        raise bad(f"line {row + 1} holds {','.join(text[row])!r}, where OGB's format has {kind}")
-    return values
+    if all(pd.api.types.is_numeric_dtype(t) for t in frame.dtypes):
+        values = frame.to_numpy(dtype=float)
+        if numbers == "label" or not _not_integers(values).any():
+            return values
+    # Something is not a number: read the file again as text to name the first such line.
+    text = pd.read_csv(path, header=None, dtype=str, keep_default_na=False).to_numpy()
+    values = pd.DataFrame(text).apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    invalid = np.isnan(values) & (text != "") if numbers == "label" else _not_integers(values)
+    if not invalid.any():
+        return values
+    row = int(np.argwhere(invalid)[0][0])
+    kind = "numbers" if numbers == "label" else "integers"
+    raise bad(f"line {row + 1} holds {','.join(text[row])!r}, where OGB's format has {kind}")
 
 
 def _first_bad(path: Path, rows: np.ndarray, problem: str) -> DataError:
