@@ -147,8 +147,10 @@ def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> N
         try:
             parser.parse_overrides([override])
         except HydraException as err:
-            problem = str(err).strip().splitlines()[-2 if "\nSee " in str(err) else -1]
-            raise ConfigError(f"Cannot parse the override '{override}': {problem.strip()}; see "
+            # Hydra's message: "Error parsing override '...'", the problem, "See <docs>".
+            problem = " ".join(line.strip() for line in str(err).splitlines() if line.strip()
+                               and not line.startswith(("Error parsing override", "See ")))
+            raise ConfigError(f"Cannot parse the override '{override}': {problem}; see "
                               "https://hydra.cc/docs/advanced/override_grammar/basic/ (values with "
                               "brackets or commas need quotes in the shell, e.g. 'seeds=[0,1]')."
                               ) from None

@@ -5,6 +5,10 @@ A *mirror* is a folder of OGB-format dataset folders, laid out as the official z
 folder is copied from the mirror; with no mirror, ogb downloads it. Nothing here ever waits on
 standard input, and ogb 1.3.6's processed file is read with ``torch.load(weights_only=True)`` by
 allowlisting the three PyG classes it pickles, rather than turning the safety check off.
+
+Raw files are checked in full before ogb processes them; the processed cache records the content
+hash of the raw files it was built from (a mismatch rebuilds it), and that hash is part of a run's
+identity. Nothing in ``root`` that a call did not create is deleted, except ogb's derived cache.
 """
 
 from __future__ import annotations
