@@ -14,6 +14,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -160,6 +161,11 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     return summary["aggregate"]["valid_mean"]
 
 
+class SweepJobError(CompactHydraException):
+    """A sweep job that failed: Hydra runs the other jobs, then prints this one line (no
+    traceback, as for every CompactHydraException) and exits non-zero."""
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
@@ -167,7 +173,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     except (UserError, TrainingError) as err:
         print(f"gmoe-train: error: {err}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra marks this job failed, runs the others, and fails the sweep at the end
+            raise SweepJobError(f"gmoe-train: error: {err}") from None
         raise SystemExit(2 if isinstance(err, UserError) else 3) from None
 
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
 from gmoe_bench import output_dirs
@@ -32,7 +34,7 @@ from gmoe_bench.reports.cli import main as report_main
 from gmoe_bench.reports.cli import routing_main, select_main
 from gmoe_bench.reports.table import collect
 from gmoe_bench.tracking.wandb_logger import WandbLogger
-from gmoe_bench.train import CONFIG_DIR, default_threads, train
+from gmoe_bench.train import CONFIG_DIR, SweepJobError, default_threads, train
 from gmoe_bench.train import main as train_main
 from tests.conftest import small_molecules
 from tests.test_data import dataset_cfg
@@ -479,3 +481,18 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
     assert run_main(monkeypatch, "seeds=[0]") == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "re-run the same command" in err and "Traceback" not in err
+
+
+def test_a_failed_sweep_job_is_one_line_not_a_traceback(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
+            "hydra.mode=MULTIRUN", f"hydra.runtime.output_dir={tmp_path}", "moe.num_experts=4",
+            "moe.top_k=8"])
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored after the test
+    HydraConfig.instance().set_config(cfg)
+    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    with pytest.raises(SweepJobError, match=r"^gmoe-train: error: moe\.top_k=8 must be between"):
+        train_module._hydra_main.__wrapped__(job)  # what Hydra calls for each job
+    # Hydra prints a CompactHydraException as its message alone, runs the other jobs, exits 1
+    assert issubclass(SweepJobError, CompactHydraException)
