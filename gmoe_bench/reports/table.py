@@ -28,6 +28,11 @@ SHORT_NAMES = {"model.backbone": "", "moe.num_experts": "n", "moe.num_hop2": "m"
 IGNORED_PREFIXES = (*EXECUTION_KEYS, "dataset.name")
 
 
+# What collect() reads from a summary.json, and from each of its seeds.
+SUMMARY_KEYS = ("dataset", "model", "metric", "config", "provenance", "seeds")
+SEED_KEYS = {"seed", "valid", "test"}
+
+
 @dataclass
 class ConfigResult:
     """Every finished seed of one configuration on one dataset, merged over jobs."""
@@ -70,11 +75,13 @@ def read_summary(path: Path) -> dict[str, Any] | None:
     is not one (truncated, foreign): one such file never stops a report."""
     try:
         summary = json.loads(path.read_text())
-        for seed in summary["seeds"]:
-            float(seed["valid"]), float(seed["test"]), int(seed["seed"])
-        config_identity(summary["config"])
-        str(summary["dataset"] + summary["model"] + summary["metric"]), summary["provenance"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        if not isinstance(summary["config"], dict) or not all(
+                isinstance(s, dict) and s.keys() >= SEED_KEYS for s in summary["seeds"]):
+            raise ValueError("its config or seeds are not those of gmoe-train")
+    except (OSError, ValueError, TypeError) as err:
         log.warning("Skipping %s: not a readable gmoe-train summary.json (%s: %s).", path,
                     type(err).__name__, err)
         return None
