@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
@@ -82,6 +83,7 @@ class WandbConfig:
     entity: str | None = MISSING
     tags: list[str] = field(default_factory=list)
     name: str | None = MISSING
+    timeout: float = MISSING
 
 
 @dataclass
@@ -129,24 +131,46 @@ def valid_keys() -> list[str]:
     return _valid_keys(_SCHEMA_TREE)
 
 
-def check_override_keys(overrides: list[str], groups: list[str]) -> None:
-    """Reject command-line overrides of keys that do not exist, naming the valid ones.
+def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> None:
+    """Reject command-line overrides Hydra cannot parse, of keys that do not exist, or choosing a
+    config group option that does not exist, each with the fix (Hydra would exit 1 with its own
+    message, e.g. suggest '+key=value', which only moves the error on).
 
-    Hydra would reject them too, but suggest '+key=value', which only moves the error on.
-    Group selections (``model=gin``), additions (``+key``), deletions and Hydra's own keys pass.
+    ``groups`` maps each config group to its options (``+experiment=...`` is checked too). Other
+    additions (``+key``), deletions and Hydra's own keys pass.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException:
-        return  # a syntax error: Hydra explains those itself
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except HydraException as err:
+            # Hydra's message: "Error parsing override '...'", the problem, "See <docs>".
+            problem = " ".join(line.strip() for line in str(err).splitlines() if line.strip()
+                               and not line.startswith(("Error parsing override", "See ")))
+            raise ConfigError(f"Cannot parse the override '{override}': {problem}; see "
+                              "https://hydra.cc/docs/advanced/override_grammar/basic/ (values with "
+                              "brackets or commas need quotes in the shell, e.g. 'seeds=[0,1]')."
+                              ) from None
+    parsed = parser.parse_overrides(overrides)
     known = set(valid_keys())
     for override in parsed:
         key = override.key_or_group
-        if (override.is_add() or override.is_delete() or key.startswith("hydra") or "/" in key
-                or key in groups or key in known):
+        if override.is_delete() or key.startswith("hydra") or "/" in key:
+            continue
+        if key in groups:
+            values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                      else [override.get_value_element_as_str()])
+            for value in values:
+                if value not in (*groups[key], "null"):
+                    hint = (f" For any other OGB dataset, use dataset.name={value}."
+                            if key == "dataset" else "")
+                    raise ConfigError(f"{key}={value} is not one of the {key} configs "
+                                      f"({', '.join(groups[key])}).{hint}")
+            continue
+        if key in known or override.is_add():
             continue
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -194,19 +218,25 @@ def validate(cfg: DictConfig) -> TrainConfig:
         _require(0 <= moe.num_hop2 <= moe.num_experts,
                  f"moe.num_hop2={moe.num_hop2} (hop-2 experts) must be between 0 and "
                  f"moe.num_experts={moe.num_experts}.")
-        _require(moe.loss_weight >= 0, f"moe.loss_weight={moe.loss_weight} (λ) must be >= 0.")
+        _require(0 <= moe.loss_weight < math.inf,
+                 f"moe.loss_weight={moe.loss_weight} (λ) must be a finite number >= 0.")
         _check_choice("moe.combine", moe.combine, COMBINES)
         _check_choice("moe.dispatch", moe.dispatch, DISPATCHES)
     _require(len(typed.seeds) > 0, "seeds is empty; give at least one, e.g. seeds=[0,1,2].")
     _require(len(set(typed.seeds)) == len(typed.seeds), f"seeds={typed.seeds} has duplicates.")
+    _require(all(0 <= s < 2**32 for s in typed.seeds),
+             f"seeds={typed.seeds}: every seed must be between 0 and 2**32 - 1 (numpy's range).")
     _require(t.epochs >= 1, f"trainer.epochs={t.epochs} must be at least 1.")
     _require(t.batch_size >= 1 and t.eval_batch_size >= 1, "batch sizes must be positive.")
     _require(t.lr > 0 and math.isfinite(t.lr), f"trainer.lr={t.lr} must be a positive number.")
     _require(t.num_workers >= 0, f"trainer.num_workers={t.num_workers} must be >= 0.")
-    _require(t.cpu_threads >= 0, f"trainer.cpu_threads={t.cpu_threads} must be >= 0 (0: default).")
-    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+    _require(t.cpu_threads >= 0,
+             f"trainer.cpu_threads={t.cpu_threads} must be >= 0 (0: this job's share of the cores).")
+    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
              f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N.")
     _check_choice("logger.wandb.mode", typed.logger.wandb.mode, WANDB_MODES)
+    _require(typed.logger.wandb.timeout > 0,
+             f"logger.wandb.timeout={typed.logger.wandb.timeout} must be positive.")
     return typed
 
 

@@ -15,3 +15,9 @@ class DataError(UserError):
 
 class TrainingError(Exception):
     """A seed could not finish (e.g. its loss stopped being finite); other seeds go on."""
+
+
+def describe_error(err: BaseException) -> str:
+    """``Type: first line of the message``: one line, however long the message (tensors, paths)."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"

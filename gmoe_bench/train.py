@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from gmoe_bench import output_dirs
 from gmoe_bench.config import check_override_keys, describe, validate
 from gmoe_bench.data.ogb import load_dataset
-from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
+from gmoe_bench.engine.checkpoint import SeedCheckpoint, check_writable, checkpoint_directory
 from gmoe_bench.engine.run import resolve_device, run_seed
-from gmoe_bench.errors import ConfigError, TrainingError, UserError
+from gmoe_bench.errors import ConfigError, TrainingError, UserError, describe_error
 from gmoe_bench.tracking.summary import (
     SUMMARY_FILE,
     aggregate,
@@ -33,6 +37,34 @@ log = logging.getLogger("gmoe_bench")
 
 # The configs live beside the package in the checkout (installs are editable: `make install`).
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+output_dirs.register()  # before Hydra resolves hydra.run.dir (configs/hydra/default.yaml)
+
+
+def default_threads(launcher: Mapping[str, Any] | None, cores: int) -> int | None:
+    """torch threads for a job when trainer.cpu_threads=0: its share of the ``cores`` it may use,
+    or None (torch's default) when it runs alone.
+
+    ``launcher`` is the Hydra launcher config of a sweep (None for a single run): joblib runs
+    ``n_jobs`` jobs at once on this machine (-1: one per core), submitit gives each job
+    ``cpus_per_task`` cores; Hydra's basic launcher runs one job at a time."""
+    if launcher is None:
+        return None
+    if "n_jobs" in launcher:
+        jobs = launcher["n_jobs"]
+        return max(1, cores // (cores if jobs is None or jobs < 0 else max(jobs, 1)))
+    if launcher.get("cpus_per_task"):
+        return max(1, min(cores, int(launcher["cpus_per_task"])))
+    return None
+
+
+def set_threads(requested: int) -> None:
+    """Use ``trainer.cpu_threads`` torch threads, or for 0 this job's share (default_threads)."""
+    launcher = None
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        launcher = OmegaConf.to_container(HydraConfig.get().launcher)
+    threads = requested or default_threads(launcher, len(os.sched_getaffinity(0)))
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def job_command() -> str:
@@ -51,22 +83,30 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     the others go on, and TrainingError is raised at the end.
     """
     typed = validate(cfg)
-    if typed.trainer.cpu_threads:
-        torch.set_num_threads(typed.trainer.cpu_threads)
+    set_threads(typed.trainer.cpu_threads)
     device = resolve_device(typed.trainer.device)
     data = load_dataset(typed.dataset)
     model_name = describe(typed)
     config = OmegaConf.to_container(cfg, resolve=True)
-    checkpoints = checkpoint_directory(config, data.name)
-    log.info("%s %s on %s: %d train / %d valid / %d test graphs, seeds %s, checkpoints in %s",
-             data.name, model_name, device, len(data.split["train"]), len(data.split["valid"]),
-             len(data.split["test"]), typed.seeds, checkpoints)
+    checkpoints = checkpoint_directory(config, data.name, data.fingerprint)
+    check_writable(checkpoints)
+    legacy = checkpoints.parent
+    if list(legacy.glob("seed_*.json")) and not list(checkpoints.glob("seed_*")):
+        log.warning("%s holds seeds of this config from before checkpoints were keyed by the data's "
+                    "content; they are not reused (their data is unknown). If they were trained on "
+                    "%s, move their seed_* files into %s.", legacy, data.folder, checkpoints)
+    log.info("%s %s on %s (%d threads): %d train / %d valid / %d test graphs, seeds %s, "
+             "checkpoints in %s", data.name, model_name, device, torch.get_num_threads(),
+             len(data.split["train"]), len(data.split["valid"]), len(data.split["test"]),
+             typed.seeds, checkpoints)
 
     summary: dict[str, Any] = {
         "dataset": data.name,
         "model": model_name,
         "metric": data.eval_metric,
         "config": config,
+        # what the numbers were computed from: the folder read and its content hash
+        "data": {"folder": str(data.folder), "fingerprint": data.fingerprint},
         "provenance": provenance(device, job_command()),
         "seeds": [],
         "failed_seeds": [],
@@ -86,16 +126,23 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
             wandb.start_seed(seed)
             try:
                 result = run_seed(typed, data, seed, device, wandb.log_epoch, checkpoint)
-            except TrainingError as err:
-                log.error("%s", err)
-                summary["failed_seeds"].append({"seed": seed, "error": str(err)})
+            except UserError:
+                raise  # bad input fails every seed alike: exit 2 now
+            except Exception as err:  # one seed's failure, whatever it is, never stops the others
+                error = str(err) if isinstance(err, TrainingError) else (
+                    f"seed {seed} failed: {describe_error(err)}")
+                log.error("%s", error)
+                summary["failed_seeds"].append({"seed": seed, "error": error})
                 wandb.end_seed(None)
             else:
                 wandb.end_seed(result)
-                checkpoint.finish(result.to_dict())
                 summary["seeds"].append(result.to_dict())
                 log.info("seed %d: best epoch %d, valid %.4f, test %.4f", seed, result.best_epoch,
                          result.valid, result.test)
+                try:
+                    checkpoint.finish(result.to_dict())
+                except TrainingError as err:  # the result is in summary.json all the same
+                    log.warning("%s", err)
         if summary["seeds"]:
             summary["aggregate"] = aggregate(summary["seeds"])
         summary["wall_seconds"] = time.perf_counter() - start
@@ -114,6 +161,11 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     return summary["aggregate"]["valid_mean"]
 
 
+class SweepJobError(CompactHydraException):
+    """A sweep job that failed: Hydra runs the other jobs, then prints this one line (no
+    traceback, as for every CompactHydraException) and exits non-zero."""
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
@@ -121,20 +173,30 @@ def _hydra_main(cfg: DictConfig) -> float:
     except (UserError, TrainingError) as err:
         print(f"gmoe-train: error: {err}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra marks this job failed, runs the others, and fails the sweep at the end
+            raise SweepJobError(f"gmoe-train: error: {err}") from None
         raise SystemExit(2 if isinstance(err, UserError) else 3) from None
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group under configs/ and its options (e.g. 'dataset' -> ['ogbg-molbbbp', ...])."""
+    return {group.name: sorted(p.stem for p in group.glob("*.yaml"))
+            for group in sorted(Path(CONFIG_DIR).iterdir()) if group.is_dir()}
 
 
 def main() -> None:
     """Console entry point (``gmoe-train``)."""
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    groups = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
     try:
-        check_override_keys(overrides, groups)
+        check_override_keys(overrides, config_groups())
     except ConfigError as err:
         print(f"gmoe-train: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        print("gmoe-train: interrupted. Finished seeds are in summary.json and the checkpoints; "
+              "re-run the same command to resume.", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

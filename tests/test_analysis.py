@@ -44,8 +44,8 @@ def test_best_weights_give_the_best_validation_metric(gmoe_run: Path) -> None:
     cfg = validate(OmegaConf.create(summary["config"]))
     data = load_dataset(cfg.dataset)
     for seed in summary["seeds"]:
-        path = SeedCheckpoint(checkpoint_directory(summary["config"], data.name),
-                              seed["seed"]).best_model_path
+        directory = checkpoint_directory(summary["config"], data.name, data.fingerprint)
+        path = SeedCheckpoint(directory, seed["seed"]).best_model_path
         model = build_model(cfg.model, cfg.moe, data.num_tasks)
         model.load_state_dict(torch.load(path))
         loader = DataLoader(data.graphs[data.split["valid"]], batch_size=256)
@@ -181,12 +181,14 @@ def test_gmoe_select_prints_the_overrides_of_the_best_validation_config(
     # written 1 (sweep) or 1.0 (YAML)
     searched = compose_cfg(tmp_path, small_mirror, "+experiment=paper_molbbbp", "model=gcn",
                            "experts=n8_hop2", "moe.top_k=4", "moe.loss_weight=1.0")
-    assert (checkpoint_directory(OmegaConf.to_container(selected, resolve=True), "ogbg-molbbbp")
-            == checkpoint_directory(OmegaConf.to_container(searched, resolve=True), "ogbg-molbbbp"))
+    assert (checkpoint_directory(OmegaConf.to_container(selected, resolve=True), "ogbg-molbbbp", "f")
+            == checkpoint_directory(OmegaConf.to_container(searched, resolve=True), "ogbg-molbbbp",
+                                    "f"))
     other = compose_cfg(tmp_path, small_mirror, "+experiment=paper_molbbbp", "model=gcn",
                         "experts=n8_hop2", "moe.top_k=4", "moe.loss_weight=0.1")
-    assert (checkpoint_directory(OmegaConf.to_container(other, resolve=True), "ogbg-molbbbp")
-            != checkpoint_directory(OmegaConf.to_container(searched, resolve=True), "ogbg-molbbbp"))
+    assert (checkpoint_directory(OmegaConf.to_container(other, resolve=True), "ogbg-molbbbp", "f")
+            != checkpoint_directory(OmegaConf.to_container(searched, resolve=True), "ogbg-molbbbp",
+                                    "f"))
 
     # one GIN configuration is no choice: an error, and nothing on stdout for the make target to use
     assert select_main([str(search), "--backbone", "gin"]) == 2

@@ -55,7 +55,7 @@ def test_wandb_failure_warns_once_and_training_goes_on(
         cfg = compose(config_name="train", overrides=[
             f"dataset.mirror={small_mirror}", f"dataset.root={tmp_path / 'data'}",
             "seeds=[0,1]", "trainer.epochs=1", "trainer.progress=false",
-            f"trainer.checkpoint_dir={tmp_path / 'ckpt'}", "logger.wandb.mode=online"])
+            f"trainer.checkpoint_dir={tmp_path / 'ckpt'}", "logger.wandb.mode=offline"])
     with caplog.at_level(logging.WARNING):
         valid_mean = train(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())

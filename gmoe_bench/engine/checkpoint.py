@@ -1,7 +1,8 @@
 """Per-seed checkpoints, so a killed or preempted job resumes where it stopped.
 
-Checkpoints live in ``trainer.checkpoint_dir/<dataset>/<config id>/``, keyed by what the config
-computes (not by the timestamped output folder), so re-running the same command finds them:
+Checkpoints live in ``trainer.checkpoint_dir/<dataset>/<config id>/data-<fingerprint>/``, keyed by
+what the config computes and by the content of the data it trains on (not by the timestamped output
+folder, nor by where the data lies), so re-running the same command finds them:
 
 - ``seed_<s>.pt``: after every epoch, model, optimizer, every RNG state, the curves so far;
 - ``seed_<s>.best.pt``: the model weights of the best validation epoch so far (kept after the
@@ -10,7 +11,8 @@ computes (not by the timestamped output folder), so re-running the same command 
 
 Every file is written to a temporary name and renamed, so a kill never leaves a torn file, and
 everything in them is plain tensors and Python values, readable with ``torch.load``'s safe default
-``weights_only=True``.
+``weights_only=True``. A file that cannot be used (truncated, foreign, of another architecture) is
+renamed to ``<name>.unusable-<time>`` with a warning, never deleted, and the seed starts over.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 
 from gmoe_bench.config import config_identity
+from gmoe_bench.errors import ConfigError, TrainingError
+from gmoe_bench.output_dirs import aside_name
 from gmoe_bench.tracking.summary import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -57,10 +61,38 @@ def restore_rng_state(state: dict[str, Any], shuffle: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_directory(config: dict[str, Any], dataset: str) -> Path:
-    """Where the seeds of ``config`` (the resolved config tree) on ``dataset`` keep their files."""
+def checkpoint_directory(config: dict[str, Any], dataset: str, fingerprint: str | None) -> Path:
+    """Where the seeds of ``config`` (the resolved config tree) on ``dataset`` keep their files.
+
+    ``fingerprint`` is the data's content hash (MolDataset.fingerprint); None gives the folder of
+    runs made before it was part of the key (their summary.json has no 'data' entry)."""
     root = Path(config["trainer"]["checkpoint_dir"]).expanduser().resolve()
-    return root / dataset / config_identity(config)
+    folder = root / dataset / config_identity(config)
+    return folder if fingerprint is None else folder / f"data-{fingerprint}"
+
+
+def check_writable(directory: Path) -> None:
+    """A ConfigError, before any training, when checkpoints cannot be written to ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ConfigError(f"Cannot write checkpoints to {directory} ({err.strerror or err}). Set "
+                          "trainer.checkpoint_dir (or GMOE_CHECKPOINT_DIR) to a writable folder."
+                          ) from err
+
+
+def set_aside(path: Path, reason: str) -> None:
+    """Rename an unusable file out of the way (never delete it) and say so."""
+    aside = aside_name(path, "unusable")
+    path.rename(aside)
+    log.warning("%s cannot be used (%s); moved to %s, the seed starts over.", path, reason, aside)
+
+
+# What a finished seed's record must hold to be reported (gmoe_bench.engine.run.SeedResult).
+RESULT_KEYS = ("seed", "best_epoch", "valid", "test", "epochs")
+STATE_KEYS = ("model", "optimizer", "rng", "records", "wall_seconds")
 
 
 class SeedCheckpoint:
@@ -68,25 +100,45 @@ class SeedCheckpoint:
 
     def __init__(self, directory: Path, seed: int) -> None:
         self.directory = directory
+        self.seed = seed
         self.state_path = directory / f"seed_{seed}.pt"
         self.result_path = directory / f"seed_{seed}.json"
         self.best_model_path = directory / f"seed_{seed}.best.pt"
 
     def finished_result(self) -> dict[str, Any] | None:
+        """The seed's recorded result, or None (none yet, or an unusable one, set aside)."""
         if not self.result_path.is_file():
             return None
-        return json.loads(self.result_path.read_text())
+        try:
+            result = json.loads(self.result_path.read_text())
+            missing = [k for k in RESULT_KEYS if k not in result]
+            if missing or result["seed"] != self.seed:
+                raise ValueError(f"not seed {self.seed}'s result: lacks {', '.join(missing)}"
+                                 if missing else f"it is seed {result['seed']}'s result")
+        except (ValueError, TypeError, UnicodeDecodeError) as err:
+            set_aside(self.result_path, str(err))
+            return None
+        return result
 
-    def load(self) -> dict[str, Any] | None:
-        """The last epoch's state, or None (no checkpoint, or an unreadable one: start over)."""
+    def load(self, expected: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        """The last epoch's state, or None (no checkpoint, or an unusable one: start over).
+
+        ``expected`` is the state dict of the model to restore: a checkpoint whose weights do not
+        have its names and shapes (another architecture) is set aside."""
         if not self.state_path.is_file():
             return None
         try:
-            return torch.load(self.state_path, map_location="cpu")
-        except Exception as err:  # a checkpoint we cannot read only costs the epochs it held
-            log.warning("Ignoring unreadable checkpoint %s (%s); this seed starts over.",
-                        self.state_path, err)
+            state = torch.load(self.state_path, map_location="cpu")
+            missing = [k for k in STATE_KEYS if k not in state]
+            if missing:
+                raise ValueError(f"it lacks {', '.join(missing)}")
+            shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+            if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+                raise ValueError("its weights are those of another architecture")
+        except Exception as err:  # a checkpoint we cannot use only costs the epochs it held
+            set_aside(self.state_path, str(err))
             return None
+        return state
 
     def save(self, state: dict[str, Any]) -> None:
         _save_atomic(state, self.state_path)
@@ -96,20 +148,34 @@ class SeedCheckpoint:
 
     def finish(self, result: dict[str, Any]) -> None:
         """Record the seed's result and drop its (now useless) training state."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.result_path, result)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.result_path, result)
+        except OSError as err:
+            raise _write_error(self.result_path, err) from err
         self.state_path.unlink(missing_ok=True)
 
 
+def _write_error(path: Path, err: OSError) -> TrainingError:
+    return TrainingError(f"Could not write {path} ({err.strerror or err}). Free space or set "
+                         "trainer.checkpoint_dir to a writable folder; re-running the same command "
+                         "resumes from the last checkpoint.")
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as err:
+        raise _write_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from err
         raise

@@ -14,6 +14,7 @@ from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
 from gmoe_bench.data.augment import drop_nodes
+from gmoe_bench.errors import TrainingError
 from gmoe_bench.model import MolGNN
 
 
@@ -23,7 +24,7 @@ class EpochStats:
     aux_loss: float  # mean over steps (already weighted by λ)
     seconds: float
     graphs: int
-    skipped_batches: int  # single-atom batches, which BatchNorm cannot normalise in training
+    skipped_batches: int  # one-atom or one-graph batches, which BatchNorm cannot normalise in training
     expert_counts: np.ndarray | None  # [L, n] nodes routed to each expert over the epoch
 
 
@@ -49,7 +50,7 @@ def train_epoch(model: MolGNN, loader: DataLoader, optimizer: torch.optim.Optimi
     counts: Tensor | None = None
     steps = graphs = skipped = 0
     for batch in tqdm(loader, desc="train", leave=False, disable=None if progress else True):
-        if batch.num_nodes < 2:
+        if batch.num_nodes < 2 or batch.num_graphs < 2:  # as OGB: BatchNorm needs two values
             skipped += 1
             continue
         batch = batch.to(device, non_blocking=True)
@@ -91,6 +92,8 @@ def evaluate(model: MolGNN, loader: DataLoader, evaluator: Evaluator, device: to
         out = model(batch.x, batch.edge_index, batch.edge_attr, batch.batch, batch.num_graphs)
         y_true.append(batch.y.view(out.logits.shape).cpu())
         y_pred.append(out.logits.cpu())
-    result = evaluator.eval({"y_true": torch.cat(y_true).numpy(),
-                             "y_pred": torch.cat(y_pred).float().numpy()})
+    predictions = torch.cat(y_pred).float()
+    if not predictions.isfinite().all():
+        raise TrainingError("the model's predictions are not finite")
+    result = evaluator.eval({"y_true": torch.cat(y_true).numpy(), "y_pred": predictions.numpy()})
     return float(result[evaluator.eval_metric])

@@ -18,7 +18,7 @@ from gmoe_bench.config import TrainConfig
 from gmoe_bench.data.ogb import MolDataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state
 from gmoe_bench.engine.loop import EpochStats, evaluate, train_epoch
-from gmoe_bench.errors import ConfigError, TrainingError
+from gmoe_bench.errors import ConfigError, TrainingError, describe_error
 from gmoe_bench.model import build_model
 from gmoe_bench.tracking.summary import CODE_COMMIT
 
@@ -36,7 +36,7 @@ class EpochRecord:
     test: float
     train_seconds: float
     graphs_per_second: float
-    skipped_batches: int  # single-atom training batches (BatchNorm cannot normalise one node)
+    skipped_batches: int  # one-atom or one-graph training batches (BatchNorm needs two values)
     # [L][n] share of (node, expert) assignments that went to each expert; empty without experts
     routing: list[list[float]] = field(default_factory=list)
 
@@ -119,7 +119,7 @@ def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device
     records: list[EpochRecord] = []
     best: EpochRecord | None = None
     elapsed = 0.0
-    state = checkpoint.load() if cfg.trainer.resume else None
+    state = checkpoint.load(model.state_dict()) if cfg.trainer.resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -135,18 +135,31 @@ def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device
 
     start = time.perf_counter() - elapsed
     for epoch in range(len(records) + 1, t.epochs + 1):
-        stats = train_epoch(model, train_loader, optimizer, device, data.task_type,
-                            cfg.dataset.drop_node_p, t.progress)
-        if not (math.isfinite(stats.task_loss) and math.isfinite(stats.aux_loss)):
-            raise TrainingError(f"seed {seed}: the training loss became {stats.task_loss} (auxiliary "
-                                f"{stats.aux_loss}) in epoch {epoch}. Lower trainer.lr or "
-                                "moe.loss_weight; the other seeds and finished results are kept.")
+        try:
+            stats = train_epoch(model, train_loader, optimizer, device, data.task_type,
+                                cfg.dataset.drop_node_p, t.progress)
+            if not (math.isfinite(stats.task_loss) and math.isfinite(stats.aux_loss)):
+                raise TrainingError(f"the training loss became {stats.task_loss} (auxiliary "
+                                    f"{stats.aux_loss})")
+            valid = evaluate(model, valid_loader, evaluator, device, t.progress)
+            test = evaluate(model, test_loader, evaluator, device, t.progress)
+        except (TrainingError, ValueError, RuntimeError) as err:
+            # A diverged model fails anywhere (NaN in the gate's Normal, in the metric, ...).
+            if isinstance(err, TrainingError):
+                reason = str(err)
+            elif all(p.isfinite().all() for p in model.parameters()):
+                raise
+            else:  # describe_error: the first line only, the rest can be a tensor of NaN
+                reason = f"its weights are no longer finite ({describe_error(err)})"
+            raise TrainingError(f"seed {seed} diverged in epoch {epoch}: {reason}. Lower trainer.lr "
+                                "or moe.loss_weight; the other seeds and finished results are kept."
+                                ) from err
         record = EpochRecord(
             epoch=epoch,
             train_loss=stats.task_loss,
             aux_loss=stats.aux_loss,
-            valid=evaluate(model, valid_loader, evaluator, device, t.progress),
-            test=evaluate(model, test_loader, evaluator, device, t.progress),
+            valid=valid,
+            test=test,
             train_seconds=stats.seconds,
             graphs_per_second=stats.graphs / max(stats.seconds, 1e-9),
             skipped_batches=stats.skipped_batches,

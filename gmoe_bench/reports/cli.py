@@ -15,7 +15,7 @@ from torch_geometric.loader import DataLoader
 from gmoe_bench.config import validate
 from gmoe_bench.data.ogb import MolDataset, load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
-from gmoe_bench.errors import UserError
+from gmoe_bench.errors import UserError, describe_error
 from gmoe_bench.model import build_model
 from gmoe_bench.reports.paper import (
     best_per_backbone,
@@ -56,6 +56,15 @@ def dirs_exist(prog: str, dirs: list[Path], hint: str = "") -> bool:
     return not missing
 
 
+def out_is_folder(prog: str, out: Path) -> bool:
+    """False, after saying so, when ``--out`` names something that is not a folder."""
+    if out.exists() and not out.is_dir():
+        print(f"{prog}: error: --out {out} is a file; give a folder (new or existing) for the "
+              "report.", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gmoe-report",
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if not dirs_exist("gmoe-report", args.dirs):
+    if not (dirs_exist("gmoe-report", args.dirs) and out_is_folder("gmoe-report", args.out)):
         return 2
     results = collect(args.dirs)
     if not results:
@@ -111,7 +120,11 @@ def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
     config = result.config
     if checkpoint_root is not None:
         config = {**config, "trainer": {**config["trainer"], "checkpoint_dir": str(checkpoint_root)}}
-    directory = checkpoint_directory(config, result.dataset)
+    if result.fingerprint is not None and result.fingerprint != data.fingerprint:
+        raise UserError(f"'{result.label}' was trained on other data than {data.folder} holds now "
+                        f"(content hash {result.fingerprint}, now {data.fingerprint}); routing it on "
+                        "this data would mislead. Restore the data it was trained on.")
+    directory = checkpoint_directory(config, result.dataset, result.fingerprint)
     loader = DataLoader(data.graphs[data.split[split]], batch_size=cfg.trainer.eval_batch_size)
     counts = []
     for seed in sorted(s["seed"] for s in result.seeds):
@@ -123,7 +136,13 @@ def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
                             "and re-run the same command; if the checkpoints were moved, pass "
                             "--checkpoint-dir.")
         model = build_model(cfg.model, cfg.moe, data.num_tasks)
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu"))
+        except Exception as err:  # truncated, foreign or of another architecture
+            raise UserError(f"{path} cannot be loaded as the weights of seed {seed} of "
+                            f"'{result.label}' ({describe_error(err)}). "
+                            "Delete the seed's .json beside it and re-run the same command to "
+                            "train it again.") from err
         counts.append(routing_counts(model, loader, torch.device("cpu")))
     return RoutingAnalysis(result.label, result.dataset, cfg.moe.num_hop2, cfg.moe.top_k,
                            sorted(s["seed"] for s in result.seeds), counts)
@@ -145,7 +164,7 @@ def routing_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if not dirs_exist("gmoe-routing", args.dirs):
+    if not (dirs_exist("gmoe-routing", args.dirs) and out_is_folder("gmoe-routing", args.out)):
         return 2
     # k = n routes every node to every expert: there is no choice to relate to structure.
     results = [r for r in collect(args.dirs)
@@ -154,13 +173,14 @@ def routing_main(argv: list[str] | None = None) -> int:
         print(f"gmoe-routing: error: no GMoE run with top_k < num_experts and a finished seed under "
               f"{', '.join(map(str, args.dirs))}.", file=sys.stderr)
         return 2
-    datasets: dict[str, MolDataset] = {}
+    datasets: dict[tuple[str, str], MolDataset] = {}  # by (name, root): copies may differ
     analyses = []
     try:
         for result in results:
-            if result.dataset not in datasets:
-                datasets[result.dataset] = load_dataset(validate(OmegaConf.create(result.config)).dataset)
-            analyses.append(analyse_routing(result, datasets[result.dataset], args.split,
+            key = (result.dataset, result.config["dataset"]["root"])
+            if key not in datasets:
+                datasets[key] = load_dataset(validate(OmegaConf.create(result.config)).dataset)
+            analyses.append(analyse_routing(result, datasets[key], args.split,
                                             args.checkpoint_dir))
     except UserError as err:
         print(f"gmoe-routing: error: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,11 @@ IGNORED_PREFIXES = (*EXECUTION_KEYS, "dataset.name")
 GMOE_ONLY_PREFIXES = ("moe.", "model.hidden_dim")
 
 
+# What collect() reads from a summary.json, and from each of its seeds.
+SUMMARY_KEYS = ("dataset", "model", "metric", "config", "provenance", "seeds")
+SEED_KEYS = {"seed", "valid", "test"}
+
+
 @dataclass
 class ConfigResult:
     """Every finished seed of one configuration on one dataset, merged over jobs."""
@@ -43,6 +49,8 @@ class ConfigResult:
     label: str = ""
     # the jobs the seeds come from: summary path, provenance (command, commit, hardware), wall time
     jobs: list[dict[str, Any]] = field(default_factory=list)
+    # content hash of the data the seeds were trained on; None for runs from before it was recorded
+    fingerprint: str | None = None
 
     @property
     def key(self) -> str:  # the config without dataset, seeds and execution details
@@ -74,23 +82,44 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """The content of a gmoe-train summary.json, or None, with a warning naming the file, when it
+    is not one (truncated, foreign): one such file never stops a report."""
+    try:
+        summary = json.loads(path.read_text())
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        if not isinstance(summary["config"], dict) or not all(
+                isinstance(s, dict) and s.keys() >= SEED_KEYS for s in summary["seeds"]):
+            raise ValueError("its config or seeds are not those of gmoe-train")
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("Skipping %s: not a readable gmoe-train summary.json (%s: %s).", path,
+                    type(err).__name__, err)
+        return None
+    return summary
+
+
 def collect(dirs: list[Path]) -> list[ConfigResult]:
-    """All summary.json files under ``dirs``, grouped by (dataset, configuration)."""
-    groups: dict[tuple[str, str], ConfigResult] = {}
+    """All summary.json files under ``dirs``, grouped by (dataset, configuration, data content)."""
+    groups: dict[tuple[str, str, str | None], ConfigResult] = {}
     paths = sorted({p for d in dirs for p in ([d] if d.is_file() else d.rglob(SUMMARY_FILE))})
     for path in paths:
-        summary = json.loads(path.read_text())
+        summary = read_summary(path)
+        if summary is None:
+            continue
         result = ConfigResult(summary["dataset"], summary["model"], summary["metric"],
-                              summary["config"])
-        group = groups.setdefault((result.dataset, result.key), result)
+                              summary["config"], fingerprint=summary.get("data", {}).get("fingerprint"))
+        group = groups.setdefault((result.dataset, result.key, result.fingerprint), result)
         group.jobs.append({"summary": str(path), "provenance": summary["provenance"],
                            "seeds": [s["seed"] for s in summary["seeds"]],
                            "wall_seconds": summary.get("wall_seconds")})
         known = {s["seed"] for s in group.seeds}
         for seed in summary["seeds"]:
             if seed["seed"] in known:
-                log.warning("seed %d of %s appears twice; keeping the first (%s)", seed["seed"],
-                            group.model, path)
+                first = next(j["summary"] for j in group.jobs if seed["seed"] in j["seeds"])
+                log.warning("seed %d of %s appears twice; keeping the one in %s, ignoring %s",
+                            seed["seed"], group.model, first, path)
                 continue
             group.seeds.append(seed)
     results = [g for g in groups.values() if g.seeds]
@@ -126,6 +155,11 @@ def _name_rows(results: list[ConfigResult]) -> None:
             parts.append(f"{value}" if short == "" else f"{short}={value:g}" if
                          isinstance(value, float) else f"{short}={value}")
         result.label = " ".join(parts) or result.model
+    # The same config trained on different data (another copy, edited labels) is another row.
+    clashes = Counter((r.label, r.dataset) for r in results)
+    for r in results:
+        if clashes[r.label, r.dataset] > 1:
+            r.label += f" data={r.fingerprint[:8] if r.fingerprint else 'unrecorded'}"
 
 
 def _scale(metric: str) -> float:

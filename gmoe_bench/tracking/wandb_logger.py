@@ -1,8 +1,11 @@
 """Weights & Biases: one run per (config, seed), grouped by config, plus one summary run per group.
 
-W&B is a report, not a dependency of the results: any failure (no network in online mode, a full
-disk, a broken install) is warned about once, W&B is switched off for the rest of the job, and
-training and summary.json go on untouched.
+W&B is a report, not a dependency of the results, and it never blocks: online mode without an API
+key, or with a server that does not answer within ``logger.wandb.timeout`` seconds, is warned about
+once and the job logs offline instead (``wandb sync`` uploads it later); W&B never prompts, and a
+run's end waits at most as long for its upload.
+Any other failure (a full disk, a broken install) is warned about once, W&B is switched off for the
+rest of the job, and training and summary.json go on untouched.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from gmoe_bench.config import WandbConfig, config_identity
 from gmoe_bench.engine.run import EpochRecord, SeedResult
+from gmoe_bench.errors import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,13 @@ class WandbLogger:
         self.group = f"{dataset} {model} [{config_identity(run_config)}]"
         self.base_name = cfg.name or f"{dataset} {model}"
         self.enabled = cfg.mode != "disabled"
+        self.mode = cfg.mode  # online falls back to offline for the rest of the job
         self._run: Any = None
+
+    def _go_offline(self, reason: str) -> None:
+        self.mode = "offline"
+        log.warning("W&B cannot log online: %s. This job logs offline instead; upload it later with "
+                    "`wandb sync %s/wandb/offline-run-*`.", reason, self.output_dir)
 
     def _guard(self, action: str, fn: Callable[[], None]) -> None:
         if not self.enabled:
@@ -57,12 +67,32 @@ class WandbLogger:
         import wandb
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(
-            mode=self.cfg.mode, project=self.cfg.project, entity=self.cfg.entity,
-            group=self.group, name=name, job_type=job_type, tags=list(self.cfg.tags),
-            config=config, dir=str(self.output_dir), reinit="finish_previous",
-            settings=wandb.Settings(init_timeout=60, console="off"),
-        )
+        if self.mode == "online":
+            # silent: wandb's "logged in as" message asks the server who we are, a 5 s wait
+            # (twice per run) without network; the run's address is logged below instead.
+            wandb.setup(settings=wandb.Settings(silent=True))
+            # prompt=False: without a key (env, settings or .netrc) wandb would wait on stdin.
+            if not wandb.login(prompt=False, verify=False):
+                self._go_offline("no API key is set (WANDB_API_KEY, or run `wandb login` once)")
+
+        def start() -> Any:
+            return wandb.init(
+                mode=self.mode, project=self.cfg.project, entity=self.cfg.entity,
+                group=self.group, name=name, job_type=job_type, tags=list(self.cfg.tags),
+                config=config, dir=str(self.output_dir), reinit="finish_previous",
+                settings=wandb.Settings(init_timeout=self.cfg.timeout,
+                                        finish_timeout=self.cfg.timeout, console="off"),
+            )
+        try:
+            self._run = start()
+        except Exception as err:
+            if self.mode != "online":
+                raise
+            self._go_offline(f"the server did not answer within logger.wandb.timeout="
+                             f"{self.cfg.timeout:g} s ({describe_error(err)})")
+            self._run = start()
+        if self.mode == "online":
+            log.info("W&B run %s: %s", name, self._run.url)
 
     def start_seed(self, seed: int) -> None:
         self._guard("starting a run", lambda: self._init(
