@@ -32,7 +32,8 @@ def test_grid_through_submitit_local_to_report(small_mirror: Path, tmp_path: Pat
     assert report_main([str(out), "--out", str(report), "--title", "grid"]) == 0
     table = (report / "table.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| n=")]
-    assert [r.split(" | ")[0] for r in rows] == ["| n=2 k=1", "| n=2 k=2", "| n=4 k=1", "| n=4 k=2"]
+    assert [r.split(" | ")[0] for r in rows] == ["| n=2 k=1 width=300", "| n=2 k=2 width=212",
+                                               "| n=4 k=1 width=300", "| n=4 k=2 width=212"]
     assert sum("**" in r for r in rows) == 1  # the best row of the column
     assert all(r.endswith("| 2 |") for r in rows)  # seeds per row
     assert (report / "table.tex").read_text().count(r"\\") == 5
