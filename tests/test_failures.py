@@ -459,8 +459,10 @@ def run_main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["seeds=[0,1"], "Cannot parse the override 'seeds=[0,1': no viable alternative"),
-    (["dataset=ogbg-moltox21"], "dataset=ogbg-moltox21 is not one of the dataset configs "
-     "(ogbg-molbbbp, ogbg-molhiv). For any other OGB dataset, use dataset.name=ogbg-moltox21."),
+    (["dataset=ogbg-molpcba"], "dataset=ogbg-molpcba is not one of the dataset configs "
+     "(ogbg-molbace, ogbg-molbbbp, ogbg-molclintox, ogbg-molesol, ogbg-molfreesolv, ogbg-molhiv, "
+     "ogbg-mollipo, ogbg-molsider, ogbg-moltox21, ogbg-moltoxcast). For any other OGB dataset, use "
+     "dataset.name=ogbg-molpcba."),
     (["-m", "model=gcn,gat"], "model=gat is not one of the model configs (gcn, gin)."),
     (["+experiment=paper_molbbb"], "experiment=paper_molbbb is not one of the experiment configs"),
 ])
