@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from gmoe_bench.model.conv import CONVS
+from gmoe_bench.model.conv import CONVS, OGBGCNConv
+from gmoe_bench.model.experts import (HopPairs, edge_pairs, grouped_batch_norm, grouped_gcn,
+                                      grouped_gin, slots_of)
 from gmoe_bench.model.gate import NoisyTopKGate, Routing, cv_squared
 
 
@@ -26,19 +27,6 @@ class LayerStats(NamedTuple):
     importance_loss: Tensor  # CV² of expert importance
     load_loss: Tensor  # CV² of expert load
     expert_counts: Tensor  # [n] nodes routed to each expert (detached)
-
-
-@contextmanager
-def _frozen_norms(module: nn.Module, freeze: bool):
-    """Run ``module`` with BatchNorm on running statistics: a single node has no batch variance."""
-    if not freeze or not module.training:
-        yield
-        return
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train()
 
 
 class GMoELayer(nn.Module):
@@ -104,69 +92,24 @@ class GMoELayer(nn.Module):
 
     def _sparse(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None) -> Tensor:
         num_nodes, k = routing.top_index.shape
-        n = self.num_experts
-        # (node, expert) pairs grouped by expert, nodes ascending within each expert
-        pair_expert = routing.top_index.flatten()
-        pair_node = torch.arange(num_nodes, device=x.device).repeat_interleave(k)
-        order = torch.argsort(pair_expert * num_nodes + pair_node)
-        pair_expert, pair_node = pair_expert[order], pair_node[order]
-        pair_weight = routing.top_weight.flatten()[order]
-        counts = torch.bincount(pair_expert, minlength=n)
-        # slot[e, i]: row of node i among expert e's targets, -1 where i is not routed to e
-        slot = torch.full((n, num_nodes), -1, dtype=torch.long, device=x.device)
-        slot[pair_expert, pair_node] = (torch.arange(pair_expert.numel(), device=x.device)
-                                        - (torch.cumsum(counts, 0) - counts)[pair_expert])
-        targets = pair_node.split(counts.tolist())
-        outputs: list[Tensor] = []
-        for experts, graph in ((range(0, self.num_hop1), hop1), (range(self.num_hop1, n), hop2)):
-            if len(experts):
-                assert graph is not None, "hop-2 experts need the hop-2 graph"
-                outputs += self._run_experts(experts, x, graph, routing.top_index, slot, targets)
-        y = torch.cat(outputs)  # [N·k, D] in pair order
-        return torch.zeros_like(x).index_add(0, pair_node, pair_weight[:, None] * y)
-
-    def _run_experts(self, experts: range, x: Tensor, graph: HopGraph, top_index: Tensor,
-                     slot: Tensor, targets: tuple[Tensor, ...]) -> list[Tensor]:
-        """Experts ``experts`` (all over ``graph``), each for its routed nodes only: [T_e, D] each.
-
-        Every expert gets its targets first and then the extra neighbours its targets receive
-        messages from, with the edges into its targets relabelled to those rows. The relabelling
-        is done for all experts at once; only the convolutions run per expert.
-        """
-        num_nodes, n = x.size(0), self.num_experts
-        src, dst = graph.edge_index
-        # every edge, once for each expert of its target node that aggregates over this graph
-        edge = torch.arange(src.numel(), device=x.device).repeat_interleave(top_index.size(1))
-        expert = top_index[dst].flatten()
-        keep = (expert >= experts.start) & (expert < experts.stop)
-        edge, expert = edge[keep], expert[keep]
-        by_expert = torch.argsort(expert, stable=True)
-        edge, expert = edge[by_expert], expert[by_expert]
-        src_local, dst_local = slot[expert, src[edge]], slot[expert, dst[edge]]
-        # number each expert's extra sources (not routed to it) after its targets
-        is_extra = src_local < 0
-        extra_key, extra_of_edge = torch.unique(expert[is_extra] * num_nodes + src[edge][is_extra],
-                                                return_inverse=True)
-        extra_expert = extra_key // num_nodes
-        extra_counts = torch.bincount(extra_expert, minlength=n)
-        extra_rank = (torch.arange(extra_key.numel(), device=x.device)
-                      - (torch.cumsum(extra_counts, 0) - extra_counts)[extra_expert])
-        target_counts = slot.new_tensor([t.numel() for t in targets])
-        src_local[is_extra] = target_counts[expert[is_extra]] + extra_rank[extra_of_edge]
-
-        edge_counts = torch.bincount(expert, minlength=n).tolist()
-        extras = (extra_key % num_nodes).split(extra_counts.tolist())
-        edge_index = torch.stack([src_local, dst_local]).split(edge_counts, dim=1)
-        edge_attr = graph.edge_attr[edge].split(edge_counts)
-        outputs = []
-        for e in experts:
-            num_targets = targets[e].numel()
-            if num_targets == 0:
-                outputs.append(x.new_zeros(0, x.size(1)))
+        node = torch.arange(num_nodes, device=x.device).repeat_interleave(k)
+        targets = slots_of(routing.top_index.flatten(), node, self.num_experts, num_nodes)
+        hops: list[HopPairs] = []
+        deg = x.new_empty(node.numel())
+        for experts, graph in ((range(0, self.num_hop1), hop1),
+                               (range(self.num_hop1, self.num_experts), hop2)):
+            if not len(experts):
                 continue
-            nodes = torch.cat([targets[e], extras[e]])
-            conv, norm = self.convs[e], self.norms[e]
-            with _frozen_norms(conv, num_targets < 2), _frozen_norms(norm, num_targets < 2):
-                y = conv(x[nodes], edge_index[e], edge_attr[e], graph.deg[nodes], num_targets)
-                outputs.append(norm(y))
-        return outputs
+            assert graph is not None, "hop-2 experts need the hop-2 graph"
+            pairs = edge_pairs(graph.edge_index, targets, k, experts)
+            hops.append(HopPairs(pairs, graph.edge_attr, graph.deg, experts.start,
+                                 [self.convs[e].bond_encoder for e in experts]))
+            mine = (targets.expert >= experts.start) & (targets.expert < experts.stop)
+            deg = torch.where(mine, graph.deg[node], deg)
+        if isinstance(self.convs[0], OGBGCNConv):
+            y = grouped_gcn(x, targets, hops, deg, self.convs)
+        else:
+            y = grouped_gin(x, targets, hops, self.convs)
+        y = grouped_batch_norm(y, targets, self.norms)  # [n * width, D]
+        weighted = routing.top_weight.flatten()[:, None] * y[targets.row]
+        return torch.zeros_like(x).index_add(0, node, weighted)

@@ -1,0 +1,207 @@
+"""All experts of a GMoE layer as one grouped computation, whatever their number.
+
+The (node, expert) pairs a gate chose are laid out per expert, each expert's rows padded to the
+largest expert's count: row ``e * width + r`` holds the r-th node (ascending) routed to expert
+``e``. Every dense transform is then one batched product over the experts' stacked weights
+(``[n, width, D] @ [n, D, D']``), every message pass one gather and one ``index_add`` over the
+(edge, expert) pairs of all experts, and every BatchNorm one masked reduction per expert row
+block. The number of operations is the same for 4 experts as for 32; the work follows the pairs,
+i.e. ``k``, plus the padding of uneven experts.
+
+The weights stay in the experts' own modules (``convs[e]``, ``norms[e]``: the state dict and
+the dense reference are unchanged) and are stacked at each call; BatchNorm running statistics are
+written back to those modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gmoe_bench.model.conv import OGBGCNConv, OGBGINConv, PathBondEncoder
+
+
+class ExpertSlots(NamedTuple):
+    """Where each (node, expert) pair lives in the padded per-expert layout."""
+
+    node: Tensor  # [P] node of each pair, pairs in the gate's order (node-major)
+    expert: Tensor  # [P]
+    row: Tensor  # [P] row of the pair in the [n * width] layout
+    counts: Tensor  # [n] pairs per expert
+    width: int  # rows per expert: the largest count
+
+
+class EdgePairs(NamedTuple):
+    """Each edge of one graph, once for every expert of its target that aggregates over it."""
+
+    edge: Tensor  # [Q] edge id in the graph
+    expert: Tensor  # [Q]
+    src: Tensor  # [Q] source node
+    dst: Tensor  # [Q] target node
+    row: Tensor  # [Q] the target's row in the layout of (node, expert) pairs
+
+
+def slots_of(expert: Tensor, node: Tensor, num_experts: int, num_nodes: int) -> ExpertSlots:
+    """Lay out pairs per expert (nodes ascending within an expert), padded to the largest expert."""
+    counts = torch.bincount(expert, minlength=num_experts)
+    width = int(counts.max()) if expert.numel() else 0
+    order = torch.argsort(expert * num_nodes + node)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - starts[expert[order]]
+    return ExpertSlots(node, expert, expert * width + rank, counts, width)
+
+
+def edge_pairs(edge_index: Tensor, targets: ExpertSlots, top_k: int, experts: range) -> EdgePairs:
+    """The edges into each pair's node, for the pairs whose expert is in ``experts``."""
+    src, dst = edge_index
+    pair = (dst[:, None] * top_k + torch.arange(top_k, device=dst.device)).flatten()  # [E·k]
+    expert = targets.expert[pair]
+    keep = (expert >= experts.start) & (expert < experts.stop)
+    pair = pair[keep]
+    edge = torch.arange(src.numel(), device=src.device).repeat_interleave(top_k)[keep]
+    return EdgePairs(edge, expert[keep], src[edge], dst[edge], targets.row[pair])
+
+
+def _rows(layout: Tensor, slots: ExpertSlots) -> Tensor:  # [n * width, C] -> [n, width, C]
+    return layout.view(slots.counts.numel(), slots.width, -1)
+
+
+def grouped_linear(x: Tensor, slots: ExpertSlots, linears: Sequence[nn.Linear]) -> Tensor:
+    r"""Each expert's :math:`W_e x + b_e` on its own rows: ``[n * width, D] -> [n * width, D']``."""
+    weight = torch.stack([lin.weight for lin in linears])  # [n, D', D]
+    bias = torch.stack([lin.bias for lin in linears])  # [n, D']
+    out = torch.baddbmm(bias[:, None], _rows(x, slots), weight.transpose(1, 2))
+    return out.view(-1, weight.size(1))
+
+
+def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNorm1d]) -> Tensor:
+    """Each expert's BatchNorm over its own rows (padding excluded), as ``nn.BatchNorm1d`` would.
+
+    In training an expert with at least two rows normalises with their statistics and updates
+    its running statistics; an expert with fewer (a single node has no variance) uses its running
+    statistics and leaves them, as in evaluation.
+    """
+    n, width = slots.counts.numel(), slots.width
+    rows = _rows(x, slots)  # [n, width, C]
+    running_mean = torch.stack([norm.running_mean for norm in norms])  # [n, C]
+    running_var = torch.stack([norm.running_var for norm in norms])
+    mean, var = running_mean, running_var
+    training = norms[0].training
+    if training:
+        present = (torch.arange(width, device=x.device) < slots.counts[:, None])[..., None]
+        count = slots.counts.clamp(min=1)[:, None].to(x.dtype)  # [n, 1]
+        batch_mean = torch.where(present, rows, 0.0).sum(1) / count
+        centred = torch.where(present, rows - batch_mean[:, None], 0.0)
+        batch_var = centred.square().sum(1) / count
+        use_batch = (slots.counts >= 2)[:, None]
+        mean = torch.where(use_batch, batch_mean, running_mean)
+        var = torch.where(use_batch, batch_var, running_var)
+        with torch.no_grad():
+            momentum = norms[0].momentum
+            unbiased = batch_var * count / (count - 1).clamp(min=1)
+            new_mean = torch.where(use_batch, running_mean.lerp(batch_mean, momentum), running_mean)
+            new_var = torch.where(use_batch, running_var.lerp(unbiased, momentum), running_var)
+            for norm, m, v, used in zip(norms, new_mean, new_var, use_batch.flatten().tolist(),
+                                        strict=True):
+                if used:
+                    norm.running_mean.copy_(m)
+                    norm.running_var.copy_(v)
+                    norm.num_batches_tracked.add_(1)
+    weight = torch.stack([norm.weight for norm in norms])
+    bias = torch.stack([norm.bias for norm in norms])
+    scale = weight * torch.rsqrt(var + norms[0].eps)  # [n, C]
+    out = (rows - mean[:, None]) * scale[:, None] + bias[:, None]
+    return out.view(n * width, -1)
+
+
+def _bond_tables(encoder: nn.Module) -> list[nn.Embedding]:
+    if isinstance(encoder, PathBondEncoder):
+        return [*encoder.first.bond_embedding_list, *encoder.second.bond_embedding_list]
+    return list(encoder.bond_embedding_list)
+
+
+def grouped_bond_embedding(edge_attr: Tensor, pairs: EdgePairs, first_expert: int,
+                           encoders: Sequence[nn.Module]) -> Tensor:
+    """Each pair's bond (or path) embedded by its expert's encoder: ``[Q, D]``.
+
+    The experts' tables (one per feature column) are concatenated into one table, so the lookup
+    is a single ``embedding_bag`` summing one row per column.
+    """
+    tables = [_bond_tables(encoder) for encoder in encoders]
+    sizes = torch.tensor([t.num_embeddings for t in tables[0]], device=edge_attr.device)
+    column_start = torch.cumsum(sizes, 0) - sizes
+    expert_start = (pairs.expert - first_expert) * sizes.sum()
+    index = expert_start[:, None] + column_start + edge_attr[pairs.edge]  # [Q, C]
+    weight = torch.cat([table.weight for expert_tables in tables for table in expert_tables])
+    return F.embedding_bag(index, weight, mode="sum")
+
+
+class HopPairs(NamedTuple):
+    """The edge pairs of one kind of expert (bonds or 2-hop paths) and that graph's data."""
+
+    pairs: EdgePairs
+    edge_attr: Tensor  # [E, F_e]
+    deg: Tensor  # [N] degree + 1 over this graph
+    first_expert: int
+    encoders: list[nn.Module]
+
+
+def grouped_gcn(x: Tensor, targets: ExpertSlots, hops: list[HopPairs], deg: Tensor,
+                convs: Sequence[OGBGCNConv]) -> Tensor:
+    r"""Every expert's :class:`OGBGCNConv` for its routed nodes: ``[n * width, D]``.
+
+    .. math::
+        h_{ie} = \sum_{j \in \mathcal{N}_e(i)} \frac{\mathrm{ReLU}(W_e x_j + b_e + e^{(e)}_{ji})}
+        {\sqrt{d_i d_j}} + \frac{\mathrm{ReLU}(W_e x_i + b_e + r_e)}{d_i}
+
+    ``W_e x_j`` is computed once for each (node, expert) pair that sends or receives: the
+    routed nodes and their neighbours, laid out per expert like the targets. ``deg`` [P] is
+    each pair's degree over its expert's graph.
+    """
+    num_nodes, n = x.size(0), targets.counts.numel()
+    keys = torch.cat([targets.expert * num_nodes + targets.node,
+                      *(h.pairs.expert * num_nodes + h.pairs.src for h in hops)])
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    sources = slots_of(unique // num_nodes, unique % num_nodes, n, num_nodes)
+    layout = x.new_zeros(n * sources.width, x.size(1)).index_copy(0, sources.row, x[sources.node])
+    h = grouped_linear(layout, sources, [conv.linear for conv in convs])
+    source_row = sources.row[inverse]
+    num_pairs = targets.node.numel()
+    root = torch.cat([conv.root_emb.weight for conv in convs])  # [n, D]
+    self_loop = F.relu(h[source_row[:num_pairs]] + root[targets.expert]) / deg[:, None]
+    out = x.new_zeros(n * targets.width, x.size(1)).index_add(0, targets.row, self_loop)
+    start = num_pairs
+    for hop in hops:
+        q = hop.pairs.edge.numel()
+        bond = grouped_bond_embedding(hop.edge_attr, hop.pairs, hop.first_expert, hop.encoders)
+        deg_inv_sqrt = hop.deg.pow(-0.5)
+        norm = deg_inv_sqrt[hop.pairs.src] * deg_inv_sqrt[hop.pairs.dst]
+        message = norm[:, None] * F.relu(h[source_row[start : start + q]] + bond)
+        out = out.index_add(0, hop.pairs.row, message)
+        start += q
+    return out
+
+
+def grouped_gin(x: Tensor, targets: ExpertSlots, hops: list[HopPairs],
+                convs: Sequence[OGBGINConv]) -> Tensor:
+    r"""Every expert's :class:`OGBGINConv` for its routed nodes: ``[n * width, D]``.
+
+    .. math::
+        h_{ie} = \mathrm{MLP}_e\Big((1 + \epsilon_e)\, x_i + \sum_{j \in \mathcal{N}_e(i)}
+        \mathrm{ReLU}(x_j + e^{(e)}_{ji})\Big)
+    """
+    n = targets.counts.numel()
+    eps = torch.cat([conv.eps for conv in convs])  # [n]
+    z = x.new_zeros(n * targets.width, x.size(1)).index_add(
+        0, targets.row, (1 + eps[targets.expert])[:, None] * x[targets.node])
+    for hop in hops:
+        bond = grouped_bond_embedding(hop.edge_attr, hop.pairs, hop.first_expert, hop.encoders)
+        z = z.index_add(0, hop.pairs.row, F.relu(x[hop.pairs.src] + bond))
+    h = grouped_linear(z, targets, [conv.mlp[0] for conv in convs])
+    h = F.relu(grouped_batch_norm(h, targets, [conv.mlp[1] for conv in convs]))
+    return grouped_linear(h, targets, [conv.mlp[3] for conv in convs])
