@@ -15,6 +15,7 @@ written back to those modules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -119,26 +120,46 @@ def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNo
     return out.view(n * width, -1)
 
 
-def _bond_tables(encoder: nn.Module) -> list[nn.Embedding]:
+def _encoder_halves(encoder: nn.Module) -> list[nn.ModuleList]:
+    """The bond encoders' tables, one list per bond: one for a bond, two for a 2-hop path."""
     if isinstance(encoder, PathBondEncoder):
-        return [*encoder.first.bond_embedding_list, *encoder.second.bond_embedding_list]
-    return list(encoder.bond_embedding_list)
+        return [encoder.first.bond_embedding_list, encoder.second.bond_embedding_list]
+    return [encoder.bond_embedding_list]
+
+
+def _combination_table(tables: Sequence[nn.ModuleList]) -> Tensor:
+    """``[n * V_0 V_1 ⋯, D]``: for each expert, every combination of one row per column, summed
+    in the column order (so a lookup equals OGB's sum of per-column embeddings)."""
+    out = torch.stack([columns[0].weight for columns in tables])  # [n, V_0, D]
+    for c in range(1, len(tables[0])):
+        column = torch.stack([columns[c].weight for columns in tables])  # [n, V_c, D]
+        out = (out[:, :, None] + column[:, None]).flatten(1, 2)
+    return out.flatten(0, 1)
 
 
 def grouped_bond_embedding(edge_attr: Tensor, pairs: EdgePairs, first_expert: int,
                            encoders: Sequence[nn.Module]) -> Tensor:
     """Each pair's bond (or path) embedded by its expert's encoder: ``[Q, D]``.
 
-    The experts' tables (one per feature column) are concatenated into one table, so the lookup
-    is a single ``embedding_bag`` summing one row per column.
+    Bond features take few values (5 × 6 × 2 for OGB), so each expert's table of every feature
+    combination is built (``n × 60`` rows) and each pair is one row lookup per bond.
     """
-    tables = [_bond_tables(encoder) for encoder in encoders]
-    sizes = torch.tensor([t.num_embeddings for t in tables[0]], device=edge_attr.device)
-    column_start = torch.cumsum(sizes, 0) - sizes
-    expert_start = (pairs.expert - first_expert) * sizes.sum()
-    index = expert_start[:, None] + column_start + edge_attr[pairs.edge]  # [Q, C]
-    weight = torch.cat([table.weight for expert_tables in tables for table in expert_tables])
-    return F.embedding_bag(index, weight, mode="sum")
+    halves = [_encoder_halves(encoder) for encoder in encoders]
+    out: Tensor | None = None
+    offset = 0
+    for half in range(len(halves[0])):
+        tables = [expert_halves[half] for expert_halves in halves]
+        sizes = [table.num_embeddings for table in tables[0]]
+        combination = edge_attr.new_zeros(pairs.edge.numel())
+        attr = edge_attr.index_select(0, pairs.edge)
+        for c, size in enumerate(sizes):
+            combination = combination * size + attr[:, offset + c]
+        offset += len(sizes)
+        index = (pairs.expert - first_expert) * math.prod(sizes) + combination
+        rows = _combination_table(tables).index_select(0, index)
+        out = rows if out is None else out + rows
+    assert out is not None
+    return out
 
 
 class HopPairs(NamedTuple):
@@ -152,7 +173,7 @@ class HopPairs(NamedTuple):
 
 
 def grouped_gcn(x: Tensor, targets: ExpertSlots, hops: list[HopPairs], deg: Tensor,
-                convs: Sequence[OGBGCNConv]) -> Tensor:
+                convs: Sequence[OGBGCNConv], every_source: bool) -> Tensor:
     r"""Every expert's :class:`OGBGCNConv` for its routed nodes: ``[n * width, D]``.
 
     .. math::
@@ -160,20 +181,30 @@ def grouped_gcn(x: Tensor, targets: ExpertSlots, hops: list[HopPairs], deg: Tens
         {\sqrt{d_i d_j}} + \frac{\mathrm{ReLU}(W_e x_i + b_e + r_e)}{d_i}
 
     ``W_e x_j`` is computed once for each (node, expert) pair that sends or receives: the
-    routed nodes and their neighbours, laid out per expert like the targets. ``deg`` [P] is
-    each pair's degree over its expert's graph.
+    routed nodes and their neighbours, laid out per expert like the targets; with
+    ``every_source``, for every node and expert as one product (cheaper when most nodes send to
+    most experts). ``deg`` [P] is each pair's degree over its expert's graph.
     """
     num_nodes, n = x.size(0), targets.counts.numel()
-    keys = torch.cat([targets.expert * num_nodes + targets.node,
-                      *(h.pairs.expert * num_nodes + h.pairs.src for h in hops)])
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    sources = slots_of(unique // num_nodes, unique % num_nodes, n, num_nodes)
-    layout = x.new_zeros(n * sources.width, x.size(1)).index_copy(0, sources.row, x[sources.node])
-    h = grouped_linear(layout, sources, [conv.linear for conv in convs])
-    source_row = sources.row[inverse]
+    if every_source:
+        weight = torch.cat([conv.linear.weight for conv in convs])  # [n·D, D]
+        bias = torch.cat([conv.linear.bias for conv in convs])
+        h = F.linear(x, weight, bias).view(num_nodes * n, -1)  # row j·n + e: W_e x_j + b_e
+        source_row = torch.cat([targets.node * n + targets.expert,
+                                *(h.pairs.src * n + h.pairs.expert for h in hops)])
+    else:
+        keys = torch.cat([targets.expert * num_nodes + targets.node,
+                          *(h.pairs.expert * num_nodes + h.pairs.src for h in hops)])
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        sources = slots_of(unique // num_nodes, unique % num_nodes, n, num_nodes)
+        layout = x.new_zeros(n * sources.width, x.size(1)).index_copy(
+            0, sources.row, x.index_select(0, sources.node))
+        h = grouped_linear(layout, sources, [conv.linear for conv in convs])
+        source_row = sources.row[inverse]
     num_pairs = targets.node.numel()
     root = torch.cat([conv.root_emb.weight for conv in convs])  # [n, D]
-    self_loop = F.relu(h[source_row[:num_pairs]] + root[targets.expert]) / deg[:, None]
+    self_loop = F.relu(h.index_select(0, source_row[:num_pairs])
+                       + root.index_select(0, targets.expert)) / deg[:, None]
     out = x.new_zeros(n * targets.width, x.size(1)).index_add(0, targets.row, self_loop)
     start = num_pairs
     for hop in hops:
@@ -181,7 +212,7 @@ def grouped_gcn(x: Tensor, targets: ExpertSlots, hops: list[HopPairs], deg: Tens
         bond = grouped_bond_embedding(hop.edge_attr, hop.pairs, hop.first_expert, hop.encoders)
         deg_inv_sqrt = hop.deg.pow(-0.5)
         norm = deg_inv_sqrt[hop.pairs.src] * deg_inv_sqrt[hop.pairs.dst]
-        message = norm[:, None] * F.relu(h[source_row[start : start + q]] + bond)
+        message = norm[:, None] * F.relu(h.index_select(0, source_row[start : start + q]) + bond)
         out = out.index_add(0, hop.pairs.row, message)
         start += q
     return out
@@ -197,11 +228,11 @@ def grouped_gin(x: Tensor, targets: ExpertSlots, hops: list[HopPairs],
     """
     n = targets.counts.numel()
     eps = torch.cat([conv.eps for conv in convs])  # [n]
-    z = x.new_zeros(n * targets.width, x.size(1)).index_add(
-        0, targets.row, (1 + eps[targets.expert])[:, None] * x[targets.node])
+    self_term = (1 + eps.index_select(0, targets.expert))[:, None] * x.index_select(0, targets.node)
+    z = x.new_zeros(n * targets.width, x.size(1)).index_add(0, targets.row, self_term)
     for hop in hops:
         bond = grouped_bond_embedding(hop.edge_attr, hop.pairs, hop.first_expert, hop.encoders)
-        z = z.index_add(0, hop.pairs.row, F.relu(x[hop.pairs.src] + bond))
+        z = z.index_add(0, hop.pairs.row, F.relu(x.index_select(0, hop.pairs.src) + bond))
     h = grouped_linear(z, targets, [conv.mlp[0] for conv in convs])
     h = F.relu(grouped_batch_norm(h, targets, [conv.mlp[1] for conv in convs]))
     return grouped_linear(h, targets, [conv.mlp[3] for conv in convs])

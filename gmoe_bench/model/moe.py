@@ -8,8 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from gmoe_bench.model.conv import CONVS, OGBGCNConv
-from gmoe_bench.model.experts import (HopPairs, edge_pairs, grouped_batch_norm, grouped_gcn,
-                                      grouped_gin, slots_of)
+from gmoe_bench.model.experts import (
+    HopPairs,
+    edge_pairs,
+    grouped_batch_norm,
+    grouped_gcn,
+    grouped_gin,
+    slots_of,
+)
 from gmoe_bench.model.gate import NoisyTopKGate, Routing, cv_squared
 
 
@@ -40,7 +46,9 @@ class GMoELayer(nn.Module):
 
     ``dispatch="sparse"`` runs each expert only for the nodes routed to it (their messages need the
     features of their neighbours, which are gathered but not transformed by GIN), so cost follows
-    ``k``. Its BatchNorm then normalises over those nodes: the batch it actually processes, as in
+    ``k``; all experts run together as one grouped computation
+    (:mod:`gmoe_bench.model.experts`), so the number of operations does not grow with ``n``. Its
+    BatchNorm then normalises over those nodes: the batch it actually processes, as in
     Shazeer et al.'s experts; an expert given a single node in a training step uses its running
     statistics for it. ``dispatch="dense"`` is the official formulation: every expert on every
     node, BatchNorm over all nodes, outputs weighted by gates that are zero for unchosen experts.
@@ -107,9 +115,11 @@ class GMoELayer(nn.Module):
             mine = (targets.expert >= experts.start) & (targets.expert < experts.stop)
             deg = torch.where(mine, graph.deg[node], deg)
         if isinstance(self.convs[0], OGBGCNConv):
-            y = grouped_gcn(x, targets, hops, deg, self.convs)
+            # with k ≥ n/2 nearly every node sends to every expert: one product for all is cheaper
+            y = grouped_gcn(x, targets, hops, deg, self.convs,
+                            every_source=2 * k >= self.num_experts)
         else:
             y = grouped_gin(x, targets, hops, self.convs)
         y = grouped_batch_norm(y, targets, self.norms)  # [n * width, D]
-        weighted = routing.top_weight.flatten()[:, None] * y[targets.row]
+        weighted = routing.top_weight.flatten()[:, None] * y.index_select(0, targets.row)
         return torch.zeros_like(x).index_add(0, node, weighted)
