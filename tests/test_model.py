@@ -6,6 +6,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.utils import degree
 
@@ -80,21 +81,64 @@ def test_experts_on_routed_nodes_equal_full_passes(backbone: str, hop: int) -> N
     torch.manual_seed(0)
     b = batch()
     hop1, hop2 = hops(b)
-    layer = GMoELayer(backbone, 16, 3, 3 if hop == 2 else 0, 1, False, "sum", "sparse").eval()
-    x = torch.randn(b.num_nodes, 16)
-    expert = torch.arange(b.num_nodes) % 3
-    expert[:4] = 1  # uneven groups
-    with torch.no_grad():  # route node i to expert[i] through the gate: logits = one-hot
-        layer.gate.w_gate.zero_()
-        x[:, :3] = 0.0
-        x[torch.arange(b.num_nodes), expert] = 5.0
-        layer.gate.w_gate[:3, :3] = torch.eye(3)
+    layer, x, expert = routed_layer(backbone, hop, b.num_nodes)
+    layer.eval()
     out, stats = layer(x, hop1, hop2)
     assert stats.expert_counts.tolist() == torch.bincount(expert, minlength=3).tolist()
     g = hop1 if hop == 1 else hop2
     for e in range(3):
         full = layer.norms[e](layer.convs[e](x, g.edge_index, g.edge_attr, g.deg, b.num_nodes))
         torch.testing.assert_close(out[expert == e], full[expert == e])
+
+
+def routed_layer(backbone: str, hop: int, num_nodes: int) -> tuple[GMoELayer, Tensor, Tensor]:
+    """A 3-expert, k=1 layer and features whose gate sends node i to expert[i] (uneven groups)."""
+    layer = GMoELayer(backbone, 16, 3, 3 if hop == 2 else 0, 1, False, "sum", "sparse")
+    x = torch.randn(num_nodes, 16)
+    expert = torch.arange(num_nodes) % 3
+    expert[:4] = 1
+    with torch.no_grad():  # route node i to expert[i] through the gate: logits = one-hot
+        layer.gate.w_gate.zero_()
+        x[:, :3] = 0.0
+        x[torch.arange(num_nodes), expert] = 5.0
+        layer.gate.w_gate[:3, :3] = torch.eye(3)
+    return layer, x, expert
+
+
+@pytest.mark.parametrize("backbone", ["gcn", "gin"])
+@pytest.mark.parametrize("hop", [1, 2])
+def test_grouped_experts_equal_each_expert_alone_in_training(backbone: str, hop: int) -> None:
+    """All experts run as one grouped computation give, in training, what each expert computes
+    alone on its routed nodes (BatchNorm over those nodes): outputs, gradients, running stats."""
+    torch.manual_seed(0)
+    b = batch()
+    layer, x, expert = routed_layer(backbone, hop, b.num_nodes)
+    references = copy.deepcopy(layer)
+    layer.train()
+    references.train()
+    x.requires_grad_()
+    out, _ = layer(x, *hops(b))
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    g = hops(b)[hop - 1]
+    x_ref = x.detach().clone().requires_grad_()
+    for e in range(3):
+        mask = expert == e
+        conv, norm = references.convs[e], references.norms[e]
+        if backbone == "gin":  # the MLP, with its BatchNorm, sees the routed nodes only
+            conv.mlp.register_forward_pre_hook(lambda _, args, mask=mask: (args[0][mask],))
+            y = norm(conv(x_ref, g.edge_index, g.edge_attr, g.deg, b.num_nodes))
+        else:
+            y = norm(conv(x_ref, g.edge_index, g.edge_attr, g.deg, b.num_nodes)[mask])
+        torch.testing.assert_close(out[mask], y)
+        (y * weights[mask]).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for (name, p), ref in zip(layer.named_parameters(), references.parameters(), strict=True):
+        if not name.startswith("gate"):
+            torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    for (name, buffer), ref in zip(layer.named_buffers(), references.buffers(), strict=True):
+        torch.testing.assert_close(buffer, ref, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_gate_is_sparse_normalised_and_noise_free_in_eval() -> None:
@@ -198,10 +242,18 @@ def test_expert_given_one_node_in_training_uses_running_statistics() -> None:
         layer.gate.w_gate[0, 1] = 100.0
         x[:, 0] = -1.0
         x[0, 0] = 1.0
+    before = copy.deepcopy(layer)
     out, stats = layer(x, *hops(b))
     assert stats.expert_counts.tolist() == [b.num_nodes - 1, 1]
     assert torch.isfinite(out).all()
-    assert layer.training and layer.convs[1].training  # training mode is restored
+    assert layer.training and layer.convs[1].training
+    lone = before.eval()  # expert 1 normalised its node with, and kept, its running statistics
+    g = hops(b)[0]
+    alone = lone.norms[1](lone.convs[1](x, g.edge_index, g.edge_attr, g.deg, b.num_nodes))
+    torch.testing.assert_close(out[0], alone[0])
+    for name, buffer in layer.named_buffers():
+        kept = dict(before.named_buffers())[name]
+        assert torch.equal(buffer, kept) == name.startswith(("convs.1.", "norms.1.")), name
 
 
 def test_hidden_size_scales_with_top_k() -> None:
