@@ -268,17 +268,35 @@ EXECUTION_KEYS = ("seeds", "logger", "trainer.device", "trainer.num_workers", "t
                   "trainer.resume", "dataset.root", "dataset.mirror")
 
 
+# Keys added to the schema after identities were first stored, each with the value that computes
+# what configs without it computed: at that value a key stays out of the identity, so adding a key
+# never orphans the checkpoints of existing runs. Add every new computing key here.
+IDENTITY_NEUTRAL: dict[str, Any] = {}
+
+
+def execution_override_keys() -> list[str]:
+    """Every command-line key that is an execution detail (the keys and groups in
+    :data:`EXECUTION_KEYS` and everything under them): Hydra leaves them out of job folder names."""
+    prefixes = tuple(f"{key}." for key in EXECUTION_KEYS)
+    return sorted({*EXECUTION_KEYS, *(k for k in valid_keys() if k.startswith(prefixes))})
+
+
 def config_identity(config: dict[str, Any], also_ignore: tuple[str, ...] = ()) -> str:
     """Short stable hash of what a config computes (seeds and execution details excluded).
 
     An int given for a float key counts as that float (``moe.loss_weight=1`` from a sweep is the
-    same run as ``moe.loss_weight=1.0``); keys outside the schema are hashed as they are."""
+    same run as ``moe.loss_weight=1.0``); a key of :data:`IDENTITY_NEUTRAL` at its neutral value
+    is left out; keys outside the schema are hashed as they are."""
     ignored = set(EXECUTION_KEYS) | set(also_ignore)
+
+    def kept(key: str, value: Any) -> bool:
+        return key not in ignored and not (key in IDENTITY_NEUTRAL
+                                           and value == IDENTITY_NEUTRAL[key])
 
     def strip(node: Any, key: str = "") -> Any:
         if isinstance(node, dict):
             return {k: strip(v, f"{key}.{k}" if key else k) for k, v in sorted(node.items())
-                    if (f"{key}.{k}" if key else k) not in ignored}
+                    if kept(f"{key}.{k}" if key else k, v)}
         if key in _FLOAT_KEYS and isinstance(node, int) and not isinstance(node, bool):
             return float(node)
         return node

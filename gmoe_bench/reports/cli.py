@@ -36,6 +36,7 @@ from gmoe_bench.reports.routing import (
     routing_counts,
 )
 from gmoe_bench.reports.table import (
+    DIGEST_FILE,
     ConfigResult,
     collect,
     details_table,
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                     "routing entropy), paper.md (next to the paper's figures), digest.json (configs, "
                     "commands, per-seed figures and curves), metric.png, "
                     "valid_curves.png, routing.png and routing_entropy.png.")
-    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
+    parser.add_argument("dirs", nargs="+", type=Path,
+                        help="run or sweep folders (searched recursively), or a digest.json of an "
+                             "earlier report (rebuilds it without the run folders)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the table and plots")
     parser.add_argument("--title", default=None, help="heading of table.md")
     args = parser.parse_args(argv)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         title + comparison_table(results)
         + (f"\nSelected on validation:\n\n{selected}" if selected
            else ""))
-    (args.out / "digest.json").write_text(json.dumps(digest(results), indent=1))
+    (args.out / DIGEST_FILE).write_text(json.dumps(digest(results), indent=1))
     write_csv(results, args.out / "table.csv")
     metric_per_config(results, args.out / "metric.png")
     validation_curves(results, args.out / "valid_curves.png")
@@ -156,7 +159,9 @@ def routing_main(argv: list[str] | None = None) -> int:
                     "each seed's best-validation weights (kept in trainer.checkpoint_dir), route "
                     "the chosen split without gate noise, and write routing_structure.md/.json, "
                     "routing_structure.png (Cramér's V per layer) and routing_classes.png.")
-    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
+    parser.add_argument("dirs", nargs="+", type=Path,
+                        help="run or sweep folders (searched recursively), or a digest.json of an "
+                             "earlier report (rebuilds it without the run folders)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     parser.add_argument("--split", choices=("train", "valid", "test"), default="test")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
