@@ -14,7 +14,7 @@ ifneq ($(wildcard ../shared/data/ogb),)
 export GMOE_DATA_MIRROR ?= $(abspath ../shared/data/ogb)
 endif
 
-.PHONY: help install train test lint sweep report bench reproduce-molbbbp reproduce-molhiv analyses clean
+.PHONY: help install train test lint sweep report bench bench-gpu reproduce-molbbbp reproduce-molhiv analyses clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ analyses: $(STAMP)  ## hop split, λ and equal-parameter comparisons on ogbg-mol
 
 bench: $(STAMP)  ## speed benchmark (step times over the GMoE grid, hop-2, data loading) -> results/bench/
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+bench-gpu: $(STAMP)  ## GPU benchmark (molhiv epochs of GCN and GMoE-GCN, FLOPs, share of peak) -> results/bench/
+	$(BIN)/python scripts/bench_gpu.py $(ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check gmoe_bench scripts tests

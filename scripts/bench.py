@@ -4,12 +4,15 @@
     python scripts/bench.py --quick              # a smaller grid, for a first look
 
 Measures on real molecule batches (ogbg-molhiv from GMOE_DATA_MIRROR when given, else molecules
-built here with rdkit), hidden 150, 5 layers, batch sizes 32 and 128:
+built here with rdkit), hidden 150 (plain backbones also at 300, the FLOP-matched partner of GMoE
+at k=4), 5 layers, batch sizes 32 and 128:
 - training step (forward, backward, Adam step) and inference (graphs/s): median of timed repeats
-  after warm-up, over a fixed set of pre-collated batches; peak memory on CUDA;
-- plain GCN/GIN, and GMoE with n ∈ {4, 8, 16, 32}, k ∈ {1, 2, 4}, m ∈ {0, n/2}, dispatch sparse and
-  dense (the reference), at the first batch size; at the others (4× the work per step) the core
-  comparisons only: plain, and n=8, m=4, k ∈ {1, 4} under both dispatches;
+  after warm-up, over a fixed set of pre-collated batches; the share of the step spent in the
+  optimizer; peak memory on CUDA;
+- plain GCN/GIN, and GMoE with n ∈ {4, 8, 16, 32}, k ∈ {1, 2, 4}, m ∈ {0, n/2}, dispatch sparse
+  (all experts of a layer as one grouped computation) and dense (the reference), at the first
+  batch size; at the others (4× the work per step) the core comparisons only: plain, and n=8,
+  m=4, k ∈ {1, 4} under both dispatches;
 - the time to build hop-2 edges for the whole dataset, and the share of a training epoch spent
   waiting for data.
 Ratios within one run are the figures that matter: absolute times vary on shared machines.
@@ -57,7 +60,7 @@ def built_molecules(folder: Path) -> MolDataset:
     """About 3,000 drug-like molecules from substituted scaffolds, when no mirror is given."""
     scaffolds = ["c1ccccc1", "c1ccncc1", "C1CCNCC1", "c1ccc2ccccc2c1", "C1CCOC1", "c1cc[nH]c1"]
     groups = ["C", "CC", "O", "N", "C(=O)O", "Cl", "F", "C(F)(F)F", "OC", "C#N", "C(=O)N", "S"]
-    smiles = [f"{a}{g1}CC{b}{g2}" for a in scaffolds for b in scaffolds for g1 in groups
+    smiles = [f"{a}C({g1})C{b}{g2}" for a in scaffolds for b in scaffolds for g1 in groups
               for g2 in groups][:3000]
     labels = np.array([[float(i % 7 == 0)] for i in range(len(smiles))])
     index = np.arange(len(smiles))
@@ -75,15 +78,21 @@ def batches(data: MolDataset, batch_size: int, count: int, device: torch.device)
 
 def time_model(model: torch.nn.Module, fixed: list, device: torch.device, warmup: int,
                repeats: int) -> dict[str, float]:
-    """Median training-step time (s), inference graphs/s and peak CUDA memory (MiB)."""
+    """Median training-step time (ms), the optimizer's share of it, inference graphs/s and peak
+    CUDA memory (MiB)."""
     optimizer = build_optimizer(model, 1e-3)
+    optimizer_seconds: list[float] = []
 
     def step(b: Any) -> None:
         out = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
         loss = task_loss(out.logits, b.y, "binary classification") + out.aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        sync(device)
+        start = time.perf_counter()
         optimizer.step()
+        sync(device)
+        optimizer_seconds.append(time.perf_counter() - start)
 
     model.train()
     if device.type == "cuda":
@@ -91,6 +100,7 @@ def time_model(model: torch.nn.Module, fixed: list, device: torch.device, warmup
     for i in range(warmup):
         step(fixed[i % len(fixed)])
     times = []
+    optimizer_seconds.clear()
     for i in range(repeats):
         b = fixed[i % len(fixed)]
         sync(device)
@@ -111,20 +121,23 @@ def time_model(model: torch.nn.Module, fixed: list, device: torch.device, warmup
         sync(device)
         infer_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"step_ms": 1e3 * statistics.median(times), "infer_graphs_per_s": graphs / infer_seconds,
-            "peak_mem_mib": peak}
+    return {"step_ms": 1e3 * statistics.median(times),
+            "optimizer_share": sum(optimizer_seconds) / sum(times),
+            "infer_graphs_per_s": graphs / infer_seconds, "peak_mem_mib": peak}
 
 
-def model_grid(experts: list[int], tops: list[int], splits: list[str]) -> list[tuple[str, MoEConfig | None]]:
-    grid: list[tuple[str, MoEConfig | None]] = []
+def model_grid(experts: list[int], tops: list[int],
+               splits: list[str]) -> list[tuple[str, int, MoEConfig | None]]:
+    """(backbone, hidden size, GMoE settings or None for the plain backbone)."""
+    grid: list[tuple[str, int, MoEConfig | None]] = []
     for backbone in ("gcn", "gin"):
-        grid.append((backbone, None))
+        grid += [(backbone, HIDDEN, None), (backbone, 2 * HIDDEN, None)]
         for n in experts:
             for k in tops:
                 for m in [0 if split == "hop1" else n // 2 for split in splits]:
                     for dispatch in ("sparse", "dense"):
-                        grid.append((backbone, MoEConfig(n, m, k, 1.0, True, "sum", dispatch,
-                                                         False)))
+                        grid.append((backbone, HIDDEN, MoEConfig(n, m, k, 1.0, True, "sum",
+                                                                 dispatch, False)))
     return grid
 
 
@@ -175,7 +188,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Benchmark: {report['device_name']}", "",
              f"- command: `{report['command']}`", f"- commit: {report['commit']}",
              f"- machine: {report['machine']}, torch {report['torch']}, {report['threads']} threads",
-             f"- dataset: {report['dataset']}; hidden {HIDDEN}, {LAYERS} layers; median of "
+             f"- dataset: {report['dataset']}; hidden {HIDDEN} unless given, {LAYERS} layers; median of "
              f"{report['repeats']} steps after {report['warmup']} warm-up steps",
              f"- hop-2 edges for all {report['hop2']['graphs']} graphs: "
              f"{report['hop2']['seconds']:.2f} s",
@@ -185,21 +198,23 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"- {g['goal']}: **{g['value']:.2f}** ({'met' if g['met'] else 'missed'})"
               for g in report["goals"]]
     lines += ["", "## Step times", "",
-              "| backbone | n | m | k | dispatch | batch | step ms | infer graphs/s | peak MiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| backbone | hidden | n | m | k | dispatch | batch | step ms | optimizer share | "
+              "infer graphs/s | peak MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "–" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-        lines.append(f"| {r['backbone']} | {r['n']} | {r['m']} | {r['k']} | {r['dispatch']} | "
-                     f"{r['batch_size']} | {r['step_ms']:.1f} | {r['infer_graphs_per_s']:.0f} | "
-                     f"{peak} |")
+        lines.append(f"| {r['backbone']} | {r['hidden']} | {r['n']} | {r['m']} | {r['k']} | "
+                     f"{r['dispatch']} | {r['batch_size']} | {r['step_ms']:.1f} | "
+                     f"{100 * r['optimizer_share']:.0f}% | {r['infer_graphs_per_s']:.0f} | {peak} |")
     return "\n".join(lines) + "\n"
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    def step(backbone: str, n: int, k: int, m: int, dispatch: str, bs: int) -> float | None:
+    def step(backbone: str, n: int, k: int, m: int, dispatch: str, bs: int,
+             hidden: int = HIDDEN) -> float | None:
         for r in rows:
-            if (r["backbone"], r["n"], r["k"], r["m"], r["dispatch"], r["batch_size"]) == (
-                    backbone, n, k, m, dispatch, bs):
+            if (r["backbone"], r["hidden"], r["n"], r["k"], r["m"], r["dispatch"],
+                    r["batch_size"]) == (backbone, hidden, n, k, m, dispatch, bs):
                 return r["step_ms"]
         return None
 
@@ -212,9 +227,12 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ("dispatch/dense, n=8 k=4", step(backbone, 8, 4, 4, "sparse", bs),
              step(backbone, 8, 4, 4, "dense", bs), 0.75),
             ("k=1: n=32 / n=4", step(backbone, 32, 1, 16, "sparse", bs),
-             step(backbone, 4, 1, 2, "sparse", bs), 1.5),
+             step(backbone, 4, 1, 2, "sparse", bs), 1.3),
             ("GMoE n=8 k=1 / plain", step(backbone, 8, 1, 4, "sparse", bs),
              step(backbone, 0, 0, 0, "-", bs), 2.5),
+            (f"GMoE n=8 k=4 (hidden {HIDDEN}) / plain at hidden {2 * HIDDEN}",
+             step(backbone, 8, 4, 4, "sparse", bs), step(backbone, 0, 0, 0, "-", bs, 2 * HIDDEN),
+             1.5),
         ]
         for name, num, den, limit in checks:
             if num is not None and den is not None:
@@ -260,17 +278,18 @@ def main() -> None:
         core = model_grid([8], [1, 4], ["half"])
         for i, batch_size in enumerate(args.batch_sizes):
             fixed = batches(data, batch_size, args.batches, device)
-            for backbone, moe in full if i == 0 else core:
+            for backbone, hidden, moe in full if i == 0 else core:
                 torch.manual_seed(0)
                 moe_cfg = moe or MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", False)
-                model = build_model(ModelConfig(backbone, LAYERS, HIDDEN, 0.5, False, "mean"),
+                model = build_model(ModelConfig(backbone, LAYERS, hidden, 0.5, False, "mean"),
                                     moe_cfg, 1).to(device)
                 timing = time_model(model, fixed, device, args.warmup, args.repeats)
-                row = {"backbone": backbone, "n": moe_cfg.num_experts, "m": moe_cfg.num_hop2,
+                row = {"backbone": backbone, "hidden": hidden, "n": moe_cfg.num_experts,
+                       "m": moe_cfg.num_hop2,
                        "k": moe_cfg.top_k if moe else 0, "dispatch": moe_cfg.dispatch if moe else "-",
                        "batch_size": batch_size, **timing}
                 rows.append(row)
-                print(f"{backbone} n={row['n']} m={row['m']} k={row['k']} {row['dispatch']} "
+                print(f"{backbone} h={hidden} n={row['n']} m={row['m']} k={row['k']} {row['dispatch']} "
                       f"bs={batch_size}: step {row['step_ms']:.1f} ms, "
                       f"{row['infer_graphs_per_s']:.0f} graphs/s", flush=True)
 

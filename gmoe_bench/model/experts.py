@@ -80,12 +80,15 @@ def grouped_linear(x: Tensor, slots: ExpertSlots, linears: Sequence[nn.Linear]) 
     return out.view(-1, weight.size(1))
 
 
-def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNorm1d]) -> Tensor:
+def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNorm1d],
+                       padding: Tensor | None) -> Tensor:
     """Each expert's BatchNorm over its own rows (padding excluded), as ``nn.BatchNorm1d`` would.
 
     In training an expert with at least two rows normalises with their statistics and updates
     its running statistics; an expert with fewer (a single node has no variance) uses its running
-    statistics and leaves them, as in evaluation.
+    statistics and leaves them, as in evaluation. ``padding`` (broadcast to [n, C]) is the value every
+    padding row of an expert holds, when known: the statistics then subtract its share instead of
+    masking the rows out (two passes fewer over the layout).
     """
     n, width = slots.counts.numel(), slots.width
     rows = _rows(x, slots)  # [n, width, C]
@@ -94,11 +97,17 @@ def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNo
     mean, var = running_mean, running_var
     training = norms[0].training
     if training:
-        present = (torch.arange(width, device=x.device) < slots.counts[:, None])[..., None]
         count = slots.counts.clamp(min=1)[:, None].to(x.dtype)  # [n, 1]
-        batch_mean = torch.where(present, rows, 0.0).sum(1) / count
-        centred = torch.where(present, rows - batch_mean[:, None], 0.0)
-        batch_var = centred.square().sum(1) / count
+        if padding is None:
+            present = (torch.arange(width, device=x.device) < slots.counts[:, None])[..., None]
+            batch_mean = torch.where(present, rows, 0.0).sum(1) / count
+            centred = torch.where(present, rows - batch_mean[:, None], 0.0)
+            batch_var = centred.square().sum(1) / count
+        else:
+            num_padding = (width - slots.counts)[:, None].to(x.dtype)
+            batch_mean = (rows.sum(1) - num_padding * padding) / count
+            squares = (rows - batch_mean[:, None]).square().sum(1)
+            batch_var = (squares - num_padding * (padding - batch_mean).square()) / count
         use_batch = (slots.counts >= 2)[:, None]
         mean = torch.where(use_batch, batch_mean, running_mean)
         var = torch.where(use_batch, batch_var, running_var)
@@ -116,7 +125,7 @@ def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNo
     weight = torch.stack([norm.weight for norm in norms])
     bias = torch.stack([norm.bias for norm in norms])
     scale = weight * torch.rsqrt(var + norms[0].eps)  # [n, C]
-    out = (rows - mean[:, None]) * scale[:, None] + bias[:, None]
+    out = torch.addcmul((bias - mean * scale)[:, None], rows, scale[:, None])
     return out.view(n * width, -1)
 
 
@@ -174,7 +183,7 @@ class HopPairs(NamedTuple):
 
 def grouped_gcn(x: Tensor, targets: ExpertSlots, hops: list[HopPairs], deg: Tensor,
                 convs: Sequence[OGBGCNConv], every_source: bool) -> Tensor:
-    r"""Every expert's :class:`OGBGCNConv` for its routed nodes: ``[n * width, D]``.
+    r"""Every expert's :class:`OGBGCNConv` for its routed nodes: ``[n * width, D]``, padding rows 0.
 
     .. math::
         h_{ie} = \sum_{j \in \mathcal{N}_e(i)} \frac{\mathrm{ReLU}(W_e x_j + b_e + e^{(e)}_{ji})}
@@ -233,6 +242,8 @@ def grouped_gin(x: Tensor, targets: ExpertSlots, hops: list[HopPairs],
     for hop in hops:
         bond = grouped_bond_embedding(hop.edge_attr, hop.pairs, hop.first_expert, hop.encoders)
         z = z.index_add(0, hop.pairs.row, F.relu(x.index_select(0, hop.pairs.src) + bond))
-    h = grouped_linear(z, targets, [conv.mlp[0] for conv in convs])
-    h = F.relu(grouped_batch_norm(h, targets, [conv.mlp[1] for conv in convs]))
+    first = [conv.mlp[0] for conv in convs]
+    h = grouped_linear(z, targets, first)  # padding rows: W·0 + b
+    padding = torch.stack([linear.bias for linear in first])
+    h = F.relu(grouped_batch_norm(h, targets, [conv.mlp[1] for conv in convs], padding))
     return grouped_linear(h, targets, [conv.mlp[3] for conv in convs])

@@ -118,8 +118,9 @@ class GMoELayer(nn.Module):
             # with k ≥ n/2 nearly every node sends to every expert: one product for all is cheaper
             y = grouped_gcn(x, targets, hops, deg, self.convs,
                             every_source=2 * k >= self.num_experts)
+            y = grouped_batch_norm(y, targets, self.norms, padding=x.new_zeros(()))
         else:
-            y = grouped_gin(x, targets, hops, self.convs)
-        y = grouped_batch_norm(y, targets, self.norms)  # [n * width, D]
+            y = grouped_batch_norm(grouped_gin(x, targets, hops, self.convs), targets, self.norms,
+                                   padding=None)  # [n * width, D]
         weighted = routing.top_weight.flatten()[:, None] * y.index_select(0, targets.row)
         return torch.zeros_like(x).index_add(0, node, weighted)

@@ -1,0 +1,203 @@
+"""GPU benchmark: ogbg-molhiv epochs of GCN and GMoE-GCN, their FLOPs and the share of the peak.
+
+    make bench-gpu                                  # on a CUDA machine (make install TORCH_SPEC=...)
+    python scripts/bench_gpu.py --device cpu --quick   # a smoke test of the script anywhere
+
+For plain GCN (hidden 300) and GMoE-GCN (n=8, all hop-2, k=4, λ=1, hidden 150), OGB's protocol
+(batch 32, Adam 1e-3, 5 layers), on ogbg-molhiv from GMOE_DATA_MIRROR (else molecules built here):
+- every batch is collated once and kept on the device (no loader, no host-to-device copies);
+- after warm-up steps, the time of whole training epochs and of one evaluation of the valid and test
+  splits, with the device synchronised only around the timed regions;
+- the matrix-product FLOPs of an epoch (torch's FlopCounterMode on a sample of steps, scaled to the
+  epoch) and the share of the device's measured fp32 matrix-product peak that the epoch reaches;
+- the projected wall time of the paper's row, 10 seeds × 100 epochs (train and evaluation), seeds
+  one after another.
+Writes results/bench/gpu_<device>.{json,md}. Sized to finish in well under 8 minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torch_geometric.loader import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import REPO, built_molecules, git_commit, sync
+
+from gmoe_bench.config import DatasetConfig, ModelConfig, MoEConfig
+from gmoe_bench.data.ogb import MolDataset, load_dataset
+from gmoe_bench.engine.loop import task_loss
+from gmoe_bench.engine.run import build_optimizer
+from gmoe_bench.model import build_model
+
+PLAIN = MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True)
+MODELS: dict[str, tuple[ModelConfig, MoEConfig]] = {
+    "GCN (hidden 300)": (ModelConfig("gcn", 5, 300, 0.5, False, "mean"), PLAIN),
+    "GMoE-GCN n=8 all hop-2 k=4 (hidden 150)": (ModelConfig("gcn", 5, 300, 0.5, False, "mean"),
+                                                MoEConfig(8, 8, 4, 1.0, True, "sum", "sparse", True)),
+}
+SEEDS, EPOCHS = 10, 100  # the paper's row
+
+
+def device_batches(data: MolDataset, split: str, batch_size: int, shuffle: bool,
+                   device: torch.device, limit: int | None) -> list:
+    """The split's batches, collated once and moved to the device."""
+    loader = DataLoader(data.graphs[data.split[split]], batch_size=batch_size, shuffle=shuffle,
+                        generator=torch.Generator().manual_seed(0))
+    out = []
+    for b in loader:
+        out.append(b.to(device))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def matmul_peak(device: torch.device, size: int) -> float:
+    """Measured fp32 FLOP/s of a large square matrix product on ``device``."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    repeats = 10
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, evaluation: list,
+            device: torch.device, epochs: int, flop_sample: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_model(model_cfg, moe, 1).to(device)
+    optimizer = build_optimizer(model, 1e-3)
+
+    def step(b: Any) -> None:
+        out = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
+        loss = task_loss(out.logits, b.y, "binary classification") + out.aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    for b in train[:5]:
+        step(b)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for b in train[:flop_sample]:
+            step(b)
+    sample_graphs = sum(b.num_graphs for b in train[:flop_sample])
+    epoch_graphs = sum(b.num_graphs for b in train)
+    epoch_flops = counter.get_total_flops() * epoch_graphs / sample_graphs
+
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for b in train:
+            step(b)
+    sync(device)
+    epoch_seconds = (time.perf_counter() - start) / epochs
+
+    model.eval()
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for b in evaluation:
+            model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
+    sync(device)
+    eval_seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    row = {"model": name, "train_epoch_s": epoch_seconds, "eval_s": eval_seconds,
+           "graphs_per_s": epoch_graphs / epoch_seconds, "epoch_matmul_flops": epoch_flops,
+           "achieved_flop_per_s": epoch_flops / epoch_seconds,
+           "row_minutes": SEEDS * EPOCHS * (epoch_seconds + eval_seconds) / 60,
+           "peak_mem_mib": peak}
+    print(f"{name}: train epoch {epoch_seconds:.2f} s, eval {eval_seconds:.2f} s, "
+          f"{epoch_flops / 1e12:.2f} TFLOP per epoch, {SEEDS}×{EPOCHS} row ≈ "
+          f"{row['row_minutes']:.1f} min", flush=True)
+    return row
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# GPU benchmark: {report['device_name']}", "",
+             f"- command: `{report['command']}`", f"- commit: {report['commit']}",
+             f"- machine: {report['machine']}, torch {report['torch']}",
+             f"- dataset: {report['dataset']}, {report['train_batches']} training batches of 32, "
+             f"kept on the device; {report['epochs']} timed epoch(s) after 5 warm-up steps",
+             f"- measured fp32 matrix-product peak: {report['peak_flop_per_s'] / 1e12:.1f} TFLOP/s",
+             f"- wall time of the script: {report['wall_seconds']:.0f} s", "",
+             "| model | train epoch s | eval s | graphs/s | matmul TFLOP per epoch | share of peak "
+             f"| {SEEDS} seeds × {EPOCHS} epochs, one after another | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["models"]:
+        peak = "–" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+        lines.append(f"| {r['model']} | {r['train_epoch_s']:.2f} | {r['eval_s']:.2f} | "
+                     f"{r['graphs_per_s']:.0f} | {r['epoch_matmul_flops'] / 1e12:.3f} | "
+                     f"{100 * r['share_of_peak']:.2f}% | {r['row_minutes']:.1f} min | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--epochs", type=int, default=2, help="timed training epochs per model")
+    parser.add_argument("--flop-sample", type=int, default=20, help="steps counted for FLOPs")
+    parser.add_argument("--quick", action="store_true", help="20 batches per split (smoke test)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_gpu.py: no CUDA device is visible; install a CUDA build of torch "
+                 "(make install TORCH_SPEC=...) or pass --device cpu --quick for a smoke test.")
+    started = time.perf_counter()
+    limit = 20 if args.quick else None
+    mirror = os.environ.get("GMOE_DATA_MIRROR")
+    with tempfile.TemporaryDirectory() as tmp:
+        if mirror:
+            data = load_dataset(DatasetConfig("ogbg-molhiv", os.environ.get("GMOE_DATA_ROOT", "data"),
+                                              mirror, 0.0))
+            dataset = "ogbg-molhiv (mirror)"
+        else:
+            data = built_molecules(Path(tmp))
+            dataset = f"{len(data.graphs)} molecules built by the script"
+        train = device_batches(data, "train", 32, True, device, limit)
+        evaluation = (device_batches(data, "valid", 256, False, device, limit)
+                      + device_batches(data, "test", 256, False, device, limit))
+    peak = matmul_peak(device, 1024 if args.quick else 8192)
+    print(f"{dataset} on {device}: {len(train)} training batches; fp32 matmul peak "
+          f"{peak / 1e12:.1f} TFLOP/s", flush=True)
+    rows = []
+    for name, (model_cfg, moe) in MODELS.items():
+        row = measure(name, model_cfg, moe, train, evaluation, device, args.epochs,
+                      min(args.flop_sample, len(train)))
+        row["share_of_peak"] = row["achieved_flop_per_s"] / peak
+        rows.append(row)
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{platform.machine()} CPU ({os.cpu_count()} cores)")
+    report = {"device": str(device), "device_name": device_name, "dataset": dataset,
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": git_commit(),
+              "machine": platform.platform(), "torch": torch.__version__, "epochs": args.epochs,
+              "train_batches": len(train), "peak_flop_per_s": peak, "models": rows,
+              "wall_seconds": time.perf_counter() - started}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_" + re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    print(f"written to {args.out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
