@@ -4,9 +4,10 @@ The (node, expert) pairs a gate chose are laid out per expert, each expert's row
 largest expert's count: row ``e * width + r`` holds the r-th node (ascending) routed to expert
 ``e``. Every dense transform is then one batched product over the experts' stacked weights
 (``[n, width, D] @ [n, D, D']``), every message pass one gather and one ``index_add`` over the
-(edge, expert) pairs of all experts, and every BatchNorm one masked reduction per expert row
-block. The number of operations is the same for 4 experts as for 32; the work follows the pairs,
-i.e. ``k``, plus the padding of uneven experts.
+(edge, expert) pairs of all experts (bonds embedded by one lookup in a table of every expert's
+bond-feature combinations), and every BatchNorm one reduction per expert row block. The number of
+operations is the same for 4 experts as for 32; the work follows the pairs, i.e. ``k``, plus the
+padding of uneven experts.
 
 The weights stay in the experts' own modules (``convs[e]``, ``norms[e]``: the state dict and
 the dense reference are unchanged) and are stacked at each call; BatchNorm running statistics are
