@@ -34,7 +34,7 @@ train: $(STAMP)  ## train with the defaults (ogbg-molbbbp, GCN, 3 seeds); more o
 test: $(STAMP)  ## run the test suite (real-data tests too when GMOE_DATA_MIRROR is set)
 	$(BIN)/python -m pytest -q
 
-sweep: $(STAMP)  ## run a sweep from configs/experiment/: EXP=paper_molbbbp, ARGS="hydra/launcher=parallel ..."
+sweep: $(STAMP)  ## run a sweep from gmoe_bench/configs/experiment/: EXP=paper_molbbbp, ARGS="hydra/launcher=parallel ..."
 	$(BIN)/gmoe-train -m +experiment=$(EXP) $(ARGS)
 
 report: $(STAMP)  ## tables and plots from run/sweep folders: DIRS="multirun/..." OUT=results/report

@@ -1,7 +1,8 @@
 """Typed schema of the composed Hydra config, and its validation.
 
-The YAML files under ``configs/`` hold every value; the dataclasses below only name the keys and
-their types (no defaults: a key the YAML does not set is an error, not a silent default).
+The YAML files under ``gmoe_bench/configs/`` (:data:`CONFIG_DIR`) hold every value; the dataclasses
+below only name the keys and their types (no defaults: a key the YAML does not set is an error, not
+a silent default).
 :func:`validate` merges the composed config into the schema, so an unknown key, a wrong type or an
 out-of-range value is one clear :class:`~gmoe_bench.errors.ConfigError` before any data is touched.
 """
@@ -14,12 +15,16 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gmoe_bench.errors import ConfigError
+
+# Shipped inside the package, so a wheel or a non-editable install finds them too.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 BACKBONES = ("gcn", "gin")
 POOLINGS = ("mean", "sum", "max")
@@ -266,6 +271,11 @@ def describe(cfg: TrainConfig) -> str:
 EXECUTION_KEYS = ("seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
                   "trainer.cpu_threads", "trainer.eval_batch_size", "trainer.checkpoint_dir",
                   "trainer.resume", "dataset.root", "dataset.mirror")
+
+
+def is_execution_key(dotted: str) -> bool:
+    """Whether a dotted key (e.g. 'logger.wandb.mode') is, or lies under, an EXECUTION_KEYS entry."""
+    return any(dotted == key or dotted.startswith(f"{key}.") for key in EXECUTION_KEYS)
 
 
 def config_identity(config: dict[str, Any], also_ignore: tuple[str, ...] = ()) -> str:

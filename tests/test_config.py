@@ -3,9 +3,8 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from gmoe_bench.config import validate
+from gmoe_bench.config import CONFIG_DIR, validate
 from gmoe_bench.errors import ConfigError
-from gmoe_bench.train import CONFIG_DIR
 
 
 def composed(*overrides: str):
