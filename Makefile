@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel by default; a CUDA machine: make install TORCH_SPEC='torch==2.13.0' TORCH_INDEX=...
+# CPU wheel by default; a CUDA build comes from PyTorch's index, e.g.
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu126 make install TORCH_SPEC='torch==2.13.0+cu126'
+# (pip reads PIP_EXTRA_INDEX_URL from the environment).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=

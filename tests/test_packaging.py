@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from gmoe_bench.records import SUMMARY_FILE, EpochRecord, SeedResult, write_json_atomic
 from tests.conftest import REPO
+from tests.test_robustness import compose_cfg
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -59,13 +62,31 @@ def test_wheel_trains_from_another_directory(tmp_path: Path, small_mirror: Path)
     assert [s["seed"] for s in summary["seeds"]] == [0]
 
 
-def test_report_and_select_import_no_torch() -> None:
-    """gmoe-report and gmoe-select read JSON and write tables: importing them loads neither torch
-    nor the training code, and runs no git."""
-    check = ("import sys, gmoe_bench.reports.cli; "
+def test_report_runs_without_torch_or_git(tmp_path: Path, small_mirror: Path) -> None:
+    """gmoe-report reads JSON and writes tables: neither importing it nor running it on a summary
+    loads torch or the training code, and it runs no git (a `git` on PATH that leaves a mark)."""
+    config = OmegaConf.to_container(compose_cfg(tmp_path, small_mirror), resolve=True)
+    seeds = [SeedResult(seed, best_epoch=1, valid=0.8, test=0.7 + seed / 100, wall_seconds=1.0,
+                        num_parameters=10, commit=None,
+                        epochs=[EpochRecord(1, 0.5, 0.0, 0.8, 0.7, 1.0, 10.0, 0)]).to_dict()
+             for seed in (0, 1)]
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json_atomic(run / SUMMARY_FILE, {
+        "dataset": "ogbg-molbbbp", "model": "gcn", "metric": "rocauc", "config": config,
+        "provenance": {"command": "gmoe-train"}, "seeds": seeds})
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "git").write_text(f"#!/bin/sh\ntouch {tmp_path / 'git_ran'}\nexit 1\n")
+    (fake_bin / "git").chmod(0o755)
+    check = ("import sys; from gmoe_bench.reports.cli import main; "
+             f"assert main([{str(run)!r}, '--out', {str(tmp_path / 'report')!r}]) == 0; "
              "heavy = sorted(m for m in ('torch', 'torch_geometric', 'ogb', 'gmoe_bench.engine', "
-             "'gmoe_bench.model', 'gmoe_bench.data.ogb') if m in sys.modules); "
+             "'gmoe_bench.model', 'gmoe_bench.data') if m in sys.modules); "
              "assert not heavy, heavy")
-    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=_clean_env(),
+    env = _clean_env(PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "70.50 ± 0.50" in (tmp_path / "report" / "table.md").read_text()
+    assert not (tmp_path / "git_ran").exists()
