@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gmoe_bench.errors import ConfigError
+from gmoe_bench.records import flatten
 
 # Shipped inside the package, so a wheel or a non-editable install finds them too.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
@@ -106,13 +107,6 @@ class TrainConfig:
     seeds: list[int] = field(default_factory=list)
 
 
-def _valid_keys(node: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in node.items():
-        keys += _valid_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
-    return keys
-
-
 _SCHEMA_TREE = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
 
 
@@ -133,7 +127,7 @@ _FLOAT_KEYS = _float_keys(TrainConfig)
 
 def valid_keys() -> list[str]:
     """Every config key of the schema, dotted (e.g. 'moe.top_k')."""
-    return _valid_keys(_SCHEMA_TREE)
+    return list(flatten(_SCHEMA_TREE))
 
 
 def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> None:
@@ -202,7 +196,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(
             f"Invalid config at '{key}': {err.msg if hasattr(err, 'msg') else err}. "
-            f"Valid keys are: {', '.join(_valid_keys(_SCHEMA_TREE))}."
+            f"Valid keys are: {', '.join(valid_keys())}."
         ) from None
 
     d, m, moe, t = typed.dataset, typed.model, typed.moe, typed.trainer
@@ -278,17 +272,35 @@ def is_execution_key(dotted: str) -> bool:
     return any(dotted == key or dotted.startswith(f"{key}.") for key in EXECUTION_KEYS)
 
 
+# Keys added to the schema after identities were first stored, each with the value that computes
+# what configs without it computed: at that value a key stays out of the identity, so adding a key
+# never orphans the checkpoints of existing runs. Add every new computing key here.
+IDENTITY_NEUTRAL: dict[str, Any] = {}
+
+
+def execution_override_keys() -> list[str]:
+    """Every command-line key that is an execution detail (the keys and groups in
+    :data:`EXECUTION_KEYS` and everything under them): Hydra leaves them out of job folder names."""
+    prefixes = tuple(f"{key}." for key in EXECUTION_KEYS)
+    return sorted({*EXECUTION_KEYS, *(k for k in valid_keys() if k.startswith(prefixes))})
+
+
 def config_identity(config: dict[str, Any], also_ignore: tuple[str, ...] = ()) -> str:
     """Short stable hash of what a config computes (seeds and execution details excluded).
 
     An int given for a float key counts as that float (``moe.loss_weight=1`` from a sweep is the
-    same run as ``moe.loss_weight=1.0``); keys outside the schema are hashed as they are."""
+    same run as ``moe.loss_weight=1.0``); a key of :data:`IDENTITY_NEUTRAL` at its neutral value
+    is left out; keys outside the schema are hashed as they are."""
     ignored = set(EXECUTION_KEYS) | set(also_ignore)
+
+    def kept(key: str, value: Any) -> bool:
+        return key not in ignored and not (key in IDENTITY_NEUTRAL
+                                           and value == IDENTITY_NEUTRAL[key])
 
     def strip(node: Any, key: str = "") -> Any:
         if isinstance(node, dict):
             return {k: strip(v, f"{key}.{k}" if key else k) for k, v in sorted(node.items())
-                    if (f"{key}.{k}" if key else k) not in ignored}
+                    if kept(f"{key}.{k}" if key else k, v)}
         if key in _FLOAT_KEYS and isinstance(node, int) and not isinstance(node, bool):
             return float(node)
         return node

@@ -5,6 +5,8 @@ folder with an exclusive ``mkdir`` (a second run in the same second gets ``TIME_
 ``${gmoe.dir_name:${hydra.job.override_dirname}}`` turns a sweep job's overrides into one path
 component (no ``/``, so ``dataset.root=../data`` cannot move the folder; at most 200 bytes).
 Both are cached by OmegaConf, so the jobs of a sweep, pickled to other processes, agree on them.
+``${gmoe.execution_keys:}`` lists the execution-only keys (paths, threads, logging), which never
+enter a job folder's name.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from gmoe_bench.config import execution_override_keys
 
 MAX_NAME_BYTES = 200  # below the usual 255-byte limit, leaving room for Hydra's job number
 
@@ -54,3 +58,4 @@ def dir_name(name: str) -> str:
 def register() -> None:
     OmegaConf.register_new_resolver("gmoe.unique_dir", unique_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("gmoe.dir_name", dir_name, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("gmoe.execution_keys", execution_override_keys, replace=True)

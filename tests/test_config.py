@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from gmoe_bench.config import CONFIG_DIR, validate
+from gmoe_bench.config import CONFIG_DIR, IDENTITY_NEUTRAL, config_identity, validate
 from gmoe_bench.errors import ConfigError
 
 
@@ -50,3 +51,26 @@ def test_gmoe_group_and_overrides() -> None:
 def test_bad_values_are_one_clear_error(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(composed(*overrides))
+
+
+# Identities stored by earlier runs (their checkpoint folders are named by them): a change to the
+# config that breaks one orphans every checkpoint of that configuration.
+STORED_IDENTITIES = {
+    (): "e63e5632",
+    ("preset=official", "model.hidden_dim=300"): "3540d924",
+    ("preset=official", "moe=gmoe", "experts=n8_hop1", "moe.top_k=4"): "1dea1af5",
+}
+
+
+@pytest.mark.parametrize(("overrides", "identity"), STORED_IDENTITIES.items())
+def test_identities_of_existing_runs_do_not_change(overrides: tuple[str, ...], identity: str) -> None:
+    config = OmegaConf.to_container(composed(*overrides, "trainer.cpu_threads=1",
+                                             "trainer.checkpoint_dir=/elsewhere"), resolve=True)
+    assert config_identity(config) == identity
+
+
+def test_a_new_key_at_its_neutral_value_keeps_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = OmegaConf.to_container(composed(), resolve=True)
+    monkeypatch.setitem(IDENTITY_NEUTRAL, "moe.gate", "noisy_top_k")
+    assert config_identity({**config, "moe": {**config["moe"], "gate": "noisy_top_k"}}) == "e63e5632"
+    assert config_identity({**config, "moe": {**config["moe"], "gate": "expert_choice"}}) != "e63e5632"

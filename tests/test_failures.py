@@ -26,7 +26,15 @@ from omegaconf import OmegaConf
 from gmoe_bench import output_dirs
 from gmoe_bench import train as train_module
 from gmoe_bench.analysis.routing import main as routing_main
-from gmoe_bench.config import CONFIG_DIR, ModelConfig, MoEConfig, WandbConfig, validate
+from gmoe_bench.config import (
+    CONFIG_DIR,
+    EXECUTION_KEYS,
+    ModelConfig,
+    MoEConfig,
+    WandbConfig,
+    execution_override_keys,
+    validate,
+)
 from gmoe_bench.data import ogb
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.errors import ConfigError, DataError, TrainingError
@@ -238,21 +246,34 @@ SIXTEEN = ["moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2", "moe.loss_weigh
            "moe.noisy_gating=false", "moe.combine=mean", "moe.dispatch=dense", "moe.scale_hidden=false",
            "model=gin", "model.num_layers=3", "model.hidden_dim=64", "model.dropout=0.25",
            "model.pooling=sum", "dataset.drop_node_p=0.1", "trainer.lr=0.000123456789",
-           "dataset.root=../../shared/datasets/molecules/ogb"]
+           "dataset.name=../../shared/datasets/molecules/ogbg-molbbbp"]
+
+
+def sweep_subdir(*overrides: str) -> tuple[str, str]:
+    """The folder name Hydra gives job 7 of a sweep, and the override string it came from."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=[*overrides, "hydra.job.num=7"])
+    return OmegaConf.select(cfg, "hydra.sweep.subdir"), cfg.hydra.job.override_dirname
 
 
 @pytest.mark.parametrize("overrides", [SIXTEEN[-1:], SIXTEEN])
 def test_sweep_folder_names_are_one_valid_component(overrides: list[str]) -> None:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True,
-                      overrides=[*overrides, "hydra.job.num=7"])
-    subdir = OmegaConf.select(cfg, "hydra.sweep.subdir")
+    subdir, override_dirname = sweep_subdir(*overrides)
     assert "/" not in subdir and len(subdir.encode()) <= 255  # '..' cannot move it, nor length
-    assert subdir.startswith("7_") and "dataset.root=.._.._shared" in subdir
+    assert subdir.startswith("7_") and "dataset.name=.._.._shared" in subdir
     if len(overrides) > 1:
-        assert len(cfg.hydra.job.override_dirname) > 255  # the name Hydra would have used
-        other = output_dirs.dir_name(cfg.hydra.job.override_dirname.replace("0.25", "0.3"))
+        assert len(override_dirname) > 255  # the name Hydra would have used
+        other = output_dirs.dir_name(override_dirname.replace("0.25", "0.3"))
         assert subdir != f"7_{other}"  # shortened names still tell configurations apart
+
+
+def test_execution_keys_stay_out_of_sweep_folder_names() -> None:
+    subdir, _ = sweep_subdir("model=gin", "trainer.checkpoint_dir=/tmp/x", "dataset.root=../data",
+                             "dataset.mirror=/m", "trainer.cpu_threads=1", "logger=none",
+                             "logger.wandb.timeout=3", "trainer.eval_batch_size=64", "seeds=[1]")
+    assert subdir == "7_model=gin"
+    assert set(EXECUTION_KEYS) <= set(execution_override_keys())
 
 
 def test_parallel_jobs_split_the_cores() -> None:

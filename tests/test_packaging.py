@@ -62,25 +62,29 @@ def test_wheel_trains_from_another_directory(tmp_path: Path, small_mirror: Path)
     assert [s["seed"] for s in summary["seeds"]] == [0]
 
 
-def test_report_runs_without_torch_or_git(tmp_path: Path, small_mirror: Path) -> None:
-    """gmoe-report reads JSON and writes tables: neither importing it nor running it on a summary
-    loads torch or the training code, and it runs no git (a `git` on PATH that leaves a mark)."""
-    config = OmegaConf.to_container(compose_cfg(tmp_path, small_mirror), resolve=True)
-    seeds = [SeedResult(seed, best_epoch=1, valid=0.8, test=0.7 + seed / 100, wall_seconds=1.0,
-                        num_parameters=10, commit=None,
-                        epochs=[EpochRecord(1, 0.5, 0.0, 0.8, 0.7, 1.0, 10.0, 0)]).to_dict()
-             for seed in (0, 1)]
-    run = tmp_path / "run"
-    run.mkdir()
-    write_json_atomic(run / SUMMARY_FILE, {
-        "dataset": "ogbg-molbbbp", "model": "gcn", "metric": "rocauc", "config": config,
-        "provenance": {"command": "gmoe-train"}, "seeds": seeds})
+def test_report_and_select_run_without_torch_or_git(tmp_path: Path, small_mirror: Path) -> None:
+    """gmoe-report and gmoe-select read JSON and write text: neither importing nor running them
+    loads torch or the training code, and they run no git (a `git` on PATH that leaves a mark)."""
+    jobs = {"gcn": ((), 0.9), "gmoe_k1": (("moe=gmoe", "moe.top_k=1"), 0.8),
+            "gmoe_k2": (("moe=gmoe", "moe.top_k=2"), 0.85)}  # name: (overrides, validation)
+    for name, (overrides, valid) in jobs.items():
+        config = OmegaConf.to_container(compose_cfg(tmp_path, small_mirror, *overrides), resolve=True)
+        seeds = [SeedResult(seed, best_epoch=1, valid=valid, test=0.7 + seed / 100,
+                            wall_seconds=1.0, num_parameters=10, commit=None,
+                            epochs=[EpochRecord(1, 0.5, 0.0, 0.8, 0.7, 1.0, 10.0, 0)]).to_dict()
+                 for seed in (0, 1)]
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        write_json_atomic(tmp_path / "runs" / name / SUMMARY_FILE, {
+            "dataset": "ogbg-molbbbp", "model": name, "metric": "rocauc", "config": config,
+            "provenance": {"command": "gmoe-train"}, "seeds": seeds})
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "git").write_text(f"#!/bin/sh\ntouch {tmp_path / 'git_ran'}\nexit 1\n")
     (fake_bin / "git").chmod(0o755)
-    check = ("import sys; from gmoe_bench.reports.cli import main; "
-             f"assert main([{str(run)!r}, '--out', {str(tmp_path / 'report')!r}]) == 0; "
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "report")
+    check = ("import sys; from gmoe_bench.reports.cli import main, select_main; "
+             f"assert main([{runs!r}, '--out', {out!r}]) == 0; "
+             f"assert select_main([{runs!r}, '--backbone', 'gcn']) == 0; "
              "heavy = sorted(m for m in ('torch', 'torch_geometric', 'ogb', 'gmoe_bench.engine', "
              "'gmoe_bench.model', 'gmoe_bench.data') if m in sys.modules); "
              "assert not heavy, heavy")
@@ -89,4 +93,8 @@ def test_report_runs_without_torch_or_git(tmp_path: Path, small_mirror: Path) ->
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "70.50 ± 0.50" in (tmp_path / "report" / "table.md").read_text()
+    # the plain GCN is no candidate; of the two GMoE jobs, k=2 has the higher validation
+    assert done.stdout.splitlines()[-1] == "moe.top_k=2"
+    assert "`gmoe-train +experiment=paper_selected moe.top_k=2`" in (
+        tmp_path / "report" / "paper.md").read_text()
     assert not (tmp_path / "git_ran").exists()

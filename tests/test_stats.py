@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import pytest
 
+from gmoe_bench.reports.cli import main as report_main
 from gmoe_bench.reports.stats import difference_interval, mean_interval
-from gmoe_bench.reports.table import ConfigResult, gain_table, gains, latex_table, write_csv
+from gmoe_bench.reports.table import (
+    ConfigResult,
+    collect,
+    gain_table,
+    gains,
+    latex_table,
+    write_csv,
+)
 
 PLAIN = {"num_experts": 0, "num_hop2": 0, "top_k": 1, "loss_weight": 0.0}
 GMOE = {"num_experts": 8, "num_hop2": 0, "top_k": 4, "loss_weight": 1.0}
@@ -89,3 +98,44 @@ def test_row_labels_show_hop2_and_the_actual_width(tmp_path: Path) -> None:
     # 300/√4 = 150: the scaled and the fixed-150 networks are equally wide
     assert [r.label for r in (plain, scaled, fixed)] == [
         "width=300", "λ=1 n=8 hop2=4 k=4 width=150", "λ=1 n=8 hop2=0 k=4 width=150"]
+
+
+def write_run(folder: Path, moe: dict, tests: list[float], hidden: int) -> None:
+    """A summary.json as gmoe-train writes it: per seed its epochs (routing for GMoE)."""
+    routing = [[1 / moe["num_experts"]] * moe["num_experts"]] * 2 if moe["num_experts"] else []
+    seeds = [{"seed": i, "best_epoch": 2, "valid": 0.9, "test": t, "wall_seconds": 1.0,
+              "num_parameters": 10, "commit": "abc",
+              "epochs": [{"epoch": e, "valid": 0.9 - 0.1 * (e == 1), "test": t - 0.05 * (e == 1),
+                          "routing": routing} for e in (1, 2, 3)]}
+             for i, t in enumerate(tests)]
+    config = {"dataset": {"name": "ogbg-molbbbp", "drop_node_p": 0.2},
+              "model": {"backbone": "gcn", "hidden_dim": hidden}, "moe": moe,
+              "trainer": {"epochs": 3}}
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "dataset": "ogbg-molbbbp", "model": "gcn", "metric": "rocauc", "config": config,
+        "provenance": {"command": "gmoe-train", "commit": "abc"}, "seeds": seeds,
+        "data": {"fingerprint": "f" * 16}}))
+
+
+def test_a_report_is_rebuilt_from_its_digest_alone(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs" / "gcn", PLAIN, [0.68, 0.69, 0.70], hidden=300)
+    write_run(tmp_path / "runs" / "gmoe", GMOE, [0.70, 0.72, 0.71], hidden=150)
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "first")]) == 0
+    assert report_main([str(tmp_path / "first" / "digest.json"), "--out",
+                        str(tmp_path / "again")]) == 0
+    first, again = tmp_path / "first", tmp_path / "again"
+    for name in ("table.md", "table.csv", "table.tex", "details.md", "paper.md", "digest.json"):
+        assert (again / name).read_text() == (first / name).read_text(), name
+    assert "| +2.00 |" in (again / "table.md").read_text()  # the gain section survives
+    # a digest keeps the routing of the best epoch only: no entropy curves from it, and no crash
+    assert (first / "routing_entropy.png").exists() and not (again / "routing_entropy.png").exists()
+    [merged] = [r for r in collect([again / "digest.json"]) if r.is_gmoe]
+    assert merged.fingerprint == "f" * 16 and [s["seed"] for s in merged.seeds] == [0, 1, 2]
+
+
+def test_a_foreign_digest_is_skipped_with_its_name(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "digest.json").write_text('[{"label": "x"}]')
+    assert collect([tmp_path / "digest.json"]) == []
+    assert f"Skipping {tmp_path / 'digest.json'}: not a readable gmoe-report digest.json" in caplog.text

@@ -25,6 +25,7 @@ from gmoe_bench.reports.plots import (
     validation_curves,
 )
 from gmoe_bench.reports.table import (
+    DIGEST_FILE,
     collect,
     details_table,
     digest,
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                     "routing entropy), paper.md (next to the paper's figures), digest.json (configs, "
                     "commands, per-seed figures and curves), metric.png, "
                     "valid_curves.png, routing.png and routing_entropy.png.")
-    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (searched recursively)")
+    parser.add_argument("dirs", nargs="+", type=Path,
+                        help="run or sweep folders (searched recursively), or a digest.json of an "
+                             "earlier report (rebuilds it without the run folders)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the table and plots")
     parser.add_argument("--title", default=None, help="heading of table.md")
     args = parser.parse_args(argv)
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         title + comparison_table(results)
         + (f"\nSelected on validation:\n\n{selected}" if selected
            else ""))
-    (args.out / "digest.json").write_text(json.dumps(digest(results), indent=1))
+    (args.out / DIGEST_FILE).write_text(json.dumps(digest(results), indent=1))
     write_csv(results, args.out / "table.csv")
     metric_per_config(results, args.out / "metric.png")
     validation_curves(results, args.out / "valid_curves.png")

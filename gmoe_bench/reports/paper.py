@@ -9,6 +9,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from gmoe_bench import output_dirs
 from gmoe_bench.config import CONFIG_DIR, is_execution_key
 from gmoe_bench.records import display_scale, flatten, higher_is_better
 from gmoe_bench.reports.paper_figures import PAPER_SEEDS, family, paper_figure
@@ -76,6 +77,7 @@ def selected_overrides(result: ConfigResult) -> str:
     every key whose value in the job differs from what that experiment composes to, so the command
     trains the same model (same config identity, so the search's finished seeds are reused), not a
     rebuilt approximation. Execution keys (seeds, device, data folders, W&B) are left to the user."""
+    output_dirs.register()  # the resolvers the Hydra configs name
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = flatten(OmegaConf.to_container(compose("train", overrides=[SELECTED_EXPERIMENT]),
                                             resolve=True))

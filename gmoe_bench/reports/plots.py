@@ -63,7 +63,7 @@ def routing_heatmaps(results: list[ConfigResult], path: Path) -> bool:
 
     Returns False (and writes nothing) when no configuration has experts.
     """
-    moe = [r for r in results if r.seeds[0]["epochs"][-1]["routing"]]
+    moe = [r for r in results if all(s["epochs"][-1]["routing"] for s in r.seeds)]
     if not moe:
         return False
     cols = min(4, len(moe))
@@ -91,7 +91,8 @@ def routing_heatmaps(results: list[ConfigResult], path: Path) -> bool:
 def entropy_curves(results: list[ConfigResult], path: Path) -> bool:
     """Routing entropy (mean over layers and seeds) per epoch, one line per GMoE configuration:
     a falling line is the gate collapsing onto fewer experts. False (no file) without GMoE."""
-    moe = [r for r in results if r.seeds[0]["epochs"][-1]["routing"]]
+    # every epoch's routing is needed (a report rebuilt from a digest has only the best epoch's)
+    moe = [r for r in results if all(e["routing"] for s in r.seeds for e in s["epochs"])]
     if not moe:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))

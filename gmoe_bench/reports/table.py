@@ -31,6 +31,7 @@ IGNORED_PREFIXES = (*EXECUTION_KEYS, "dataset.name")
 GMOE_ONLY_PREFIXES = ("moe.", "model.hidden_dim")
 
 
+DIGEST_FILE = "digest.json"
 # What collect() reads from a summary.json, and from each of its seeds.
 SUMMARY_KEYS = ("dataset", "model", "metric", "config", "provenance", "seeds")
 SEED_KEYS = {"seed", "valid", "test"}
@@ -89,31 +90,67 @@ def read_summary(path: Path) -> dict[str, Any] | None:
     return summary
 
 
+def read_digest(path: Path) -> list[dict[str, Any]]:
+    """The configurations of a committed ``digest.json`` in summary form, each seed's epochs
+    rebuilt from its curves (routing only at the best epoch: the digest keeps no more); ``[]``,
+    with a warning naming the file, when it is not a gmoe-report digest."""
+    try:
+        entries = json.loads(path.read_text())
+        summaries = [{
+            "dataset": e["dataset"], "model": e["model"], "metric": e["metric"],
+            "config": e["config"], "data": {"fingerprint": e.get("fingerprint")}, "jobs": e["jobs"],
+            "seeds": [{**{k: v for k, v in s.items() if not k.endswith(("_curve", "_at_best"))},
+                       "epochs": [{"epoch": i, "valid": valid, "test": test,
+                                   "routing": s["routing_at_best"] if i == s["best_epoch"] else []}
+                                  for i, (valid, test) in enumerate(
+                                      zip(s["valid_curve"], s["test_curve"], strict=True), 1)]}
+                      for s in e["seeds"]],
+        } for e in entries]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        log.warning("Skipping %s: not a readable gmoe-report digest.json (%s: %s).", path,
+                    type(err).__name__, err)
+        return []
+    return summaries
+
+
 def collect(dirs: list[Path]) -> list[ConfigResult]:
-    """All summary.json files under ``dirs``, grouped by (dataset, configuration, data content)."""
+    """All summary.json files under ``dirs`` (and any ``digest.json`` named on its own, so that a
+    committed report can be rebuilt without its run folders), grouped by (dataset, configuration,
+    data content)."""
     groups: dict[tuple[str, str, str | None], ConfigResult] = {}
     paths = sorted({p for d in dirs for p in ([d] if d.is_file() else d.rglob(SUMMARY_FILE))})
     for path in paths:
-        summary = read_summary(path)
-        if summary is None:
-            continue
-        result = ConfigResult(summary["dataset"], summary["model"], summary["metric"],
-                              summary["config"], fingerprint=summary.get("data", {}).get("fingerprint"))
-        group = groups.setdefault((result.dataset, result.key, result.fingerprint), result)
-        group.jobs.append({"summary": str(path), "provenance": summary["provenance"],
-                           "seeds": [s["seed"] for s in summary["seeds"]],
-                           "wall_seconds": summary.get("wall_seconds")})
-        known = {s["seed"] for s in group.seeds}
-        for seed in summary["seeds"]:
-            if seed["seed"] in known:
-                first = next(j["summary"] for j in group.jobs if seed["seed"] in j["seeds"])
-                log.warning("seed %d of %s appears twice; keeping the one in %s, ignoring %s",
-                            seed["seed"], group.model, first, path)
-                continue
-            group.seeds.append(seed)
+        if path.name == DIGEST_FILE:
+            summaries = read_digest(path)
+        else:
+            summary = read_summary(path)
+            summaries = [] if summary is None else [{
+                **summary, "jobs": [{"summary": str(path), "provenance": summary["provenance"],
+                                     "seeds": [s["seed"] for s in summary["seeds"]],
+                                     "wall_seconds": summary.get("wall_seconds")}]}]
+        for summary in summaries:
+            _merge(groups, summary, path)
     results = [g for g in groups.values() if g.seeds]
     _name_rows(results)
     return results
+
+
+def _merge(groups: dict[tuple[str, str, str | None], ConfigResult], summary: dict[str, Any],
+           path: Path) -> None:
+    """Add the jobs and seeds of one summary to its configuration's group; a seed already there
+    is kept and the new copy ignored, with a warning."""
+    result = ConfigResult(summary["dataset"], summary["model"], summary["metric"],
+                          summary["config"], fingerprint=summary.get("data", {}).get("fingerprint"))
+    group = groups.setdefault((result.dataset, result.key, result.fingerprint), result)
+    known = {s["seed"] for s in group.seeds}
+    group.jobs.extend(summary["jobs"])
+    for seed in summary["seeds"]:
+        if seed["seed"] in known:
+            first = next(j["summary"] for j in group.jobs if seed["seed"] in j["seeds"])
+            log.warning("seed %d of %s appears twice; keeping the one in %s, ignoring %s",
+                        seed["seed"], group.model, first, path)
+            continue
+        group.seeds.append(seed)
 
 
 def _label_values(config: dict[str, Any]) -> dict[str, Any]:
@@ -377,5 +414,6 @@ def digest(results: list[ConfigResult]) -> list[dict[str, Any]]:
             "routing_at_best": s["epochs"][s["best_epoch"] - 1]["routing"],
         } for s in sorted(r.seeds, key=lambda s: s["seed"])]
         out.append({"label": r.label, "dataset": r.dataset, "model": r.model, "metric": r.metric,
-                    "config": r.config, "jobs": r.jobs, "seeds": seeds})
+                    "config": r.config, "fingerprint": r.fingerprint, "jobs": r.jobs,
+                    "seeds": seeds})
     return out
