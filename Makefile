@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel by default; a CUDA machine: make install TORCH_SPEC='torch==2.13.0' TORCH_INDEX=...
+# CPU wheel by default; a CUDA build comes from PyTorch's index, e.g.
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu126 make install TORCH_SPEC='torch==2.13.0+cu126'
+# (pip reads PIP_EXTRA_INDEX_URL from the environment).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 ARGS ?=
@@ -34,7 +36,7 @@ train: $(STAMP)  ## train with the defaults (ogbg-molbbbp, GCN, 3 seeds); more o
 test: $(STAMP)  ## run the test suite (real-data tests too when GMOE_DATA_MIRROR is set)
 	$(BIN)/python -m pytest -q
 
-sweep: $(STAMP)  ## run a sweep from configs/experiment/: EXP=paper_molbbbp, ARGS="hydra/launcher=parallel ..."
+sweep: $(STAMP)  ## run a sweep from gmoe_bench/configs/experiment/: EXP=paper_molbbbp, ARGS="hydra/launcher=parallel ..."
 	$(BIN)/gmoe-train -m +experiment=$(EXP) $(ARGS)
 
 report: $(STAMP)  ## tables and plots from run/sweep folders: DIRS="multirun/..." OUT=results/report

@@ -1,7 +1,8 @@
 """Typed schema of the composed Hydra config, and its validation.
 
-The YAML files under ``configs/`` hold every value; the dataclasses below only name the keys and
-their types (no defaults: a key the YAML does not set is an error, not a silent default).
+The YAML files under ``gmoe_bench/configs/`` (:data:`CONFIG_DIR`) hold every value; the dataclasses
+below only name the keys and their types (no defaults: a key the YAML does not set is an error, not
+a silent default).
 :func:`validate` merges the composed config into the schema, so an unknown key, a wrong type or an
 out-of-range value is one clear :class:`~gmoe_bench.errors.ConfigError` before any data is touched.
 """
@@ -14,12 +15,17 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gmoe_bench.errors import ConfigError
+from gmoe_bench.records import flatten
+
+# Shipped inside the package, so a wheel or a non-editable install finds them too.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 BACKBONES = ("gcn", "gin")
 POOLINGS = ("mean", "sum", "max")
@@ -101,13 +107,6 @@ class TrainConfig:
     seeds: list[int] = field(default_factory=list)
 
 
-def _valid_keys(node: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in node.items():
-        keys += _valid_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
-    return keys
-
-
 _SCHEMA_TREE = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
 
 
@@ -128,7 +127,7 @@ _FLOAT_KEYS = _float_keys(TrainConfig)
 
 def valid_keys() -> list[str]:
     """Every config key of the schema, dotted (e.g. 'moe.top_k')."""
-    return _valid_keys(_SCHEMA_TREE)
+    return list(flatten(_SCHEMA_TREE))
 
 
 def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> None:
@@ -197,7 +196,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(
             f"Invalid config at '{key}': {err.msg if hasattr(err, 'msg') else err}. "
-            f"Valid keys are: {', '.join(_valid_keys(_SCHEMA_TREE))}."
+            f"Valid keys are: {', '.join(valid_keys())}."
         ) from None
 
     d, m, moe, t = typed.dataset, typed.model, typed.moe, typed.trainer
@@ -266,6 +265,11 @@ def describe(cfg: TrainConfig) -> str:
 EXECUTION_KEYS = ("seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
                   "trainer.cpu_threads", "trainer.eval_batch_size", "trainer.checkpoint_dir",
                   "trainer.resume", "dataset.root", "dataset.mirror")
+
+
+def is_execution_key(dotted: str) -> bool:
+    """Whether a dotted key (e.g. 'logger.wandb.mode') is, or lies under, an EXECUTION_KEYS entry."""
+    return any(dotted == key or dotted.startswith(f"{key}.") for key in EXECUTION_KEYS)
 
 
 # Keys added to the schema after identities were first stored, each with the value that computes

@@ -1,6 +1,6 @@
 """Unique, valid folder and file names: Hydra resolvers for output folders, and names to set aside.
 
-``configs/hydra/default.yaml`` uses them: ``${gmoe.unique_dir:outputs/DATE/TIME}`` claims the
+``gmoe_bench/configs/hydra/default.yaml`` uses them: ``${gmoe.unique_dir:outputs/DATE/TIME}`` claims the
 folder with an exclusive ``mkdir`` (a second run in the same second gets ``TIME_2``), and
 ``${gmoe.dir_name:${hydra.job.override_dirname}}`` turns a sweep job's overrides into one path
 component (no ``/``, so ``dataset.root=../data`` cannot move the folder; at most 200 bytes).

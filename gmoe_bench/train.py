@@ -1,4 +1,4 @@
-"""gmoe-train: multi-seed training and evaluation, configured by Hydra (see configs/train.yaml)."""
+"""gmoe-train: multi-seed training and evaluation, configured by Hydra (see gmoe_bench/configs/train.yaml)."""
 
 from __future__ import annotations
 
@@ -19,24 +19,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gmoe_bench import output_dirs
-from gmoe_bench.config import check_override_keys, describe, validate
+from gmoe_bench.config import CONFIG_DIR, check_override_keys, describe, validate
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, check_writable, checkpoint_directory
 from gmoe_bench.engine.run import resolve_device, run_seed
 from gmoe_bench.errors import ConfigError, TrainingError, UserError, describe_error
-from gmoe_bench.tracking.summary import (
-    SUMMARY_FILE,
-    aggregate,
-    provenance,
-    summary_line,
-    write_json_atomic,
-)
+from gmoe_bench.records import SUMMARY_FILE, provenance, write_json_atomic
+from gmoe_bench.tracking.summary import aggregate, summary_line
 from gmoe_bench.tracking.wandb_logger import WandbLogger
 
 log = logging.getLogger("gmoe_bench")
 
-# The configs live beside the package in the checkout (installs are editable: `make install`).
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 output_dirs.register()  # before Hydra resolves hydra.run.dir (configs/hydra/default.yaml)
 
 

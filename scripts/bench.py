@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,12 +42,14 @@ from gmoe_bench.config import DatasetConfig, ModelConfig, MoEConfig  # noqa: E40
 from gmoe_bench.data.from_smiles import write_ogb_folder  # noqa: E402
 from gmoe_bench.data.hop2 import two_hop_edges  # noqa: E402
 from gmoe_bench.data.ogb import MolDataset, load_dataset  # noqa: E402
-from gmoe_bench.engine.loop import task_loss  # noqa: E402
+from gmoe_bench.engine.loop import train_step  # noqa: E402
 from gmoe_bench.engine.run import build_optimizer  # noqa: E402
 from gmoe_bench.model import build_model  # noqa: E402
+from gmoe_bench.records import code_commit, hardware  # noqa: E402
 
 HIDDEN = 150
 LAYERS = 5
+TASK_TYPE = "binary classification"  # ogbg-molhiv's, and the built molecules' single label
 
 
 def sync(device: torch.device) -> None:
@@ -82,17 +83,21 @@ def time_model(model: torch.nn.Module, fixed: list, device: torch.device, warmup
     CUDA memory (MiB)."""
     optimizer = build_optimizer(model, 1e-3)
     optimizer_seconds: list[float] = []
+    optimizer_started: list[float] = []
+
+    def before_optimizer(*_: Any) -> None:
+        sync(device)
+        optimizer_started.append(time.perf_counter())
+
+    def after_optimizer(*_: Any) -> None:
+        sync(device)
+        optimizer_seconds.append(time.perf_counter() - optimizer_started.pop())
+
+    optimizer.register_step_pre_hook(before_optimizer)
+    optimizer.register_step_post_hook(after_optimizer)
 
     def step(b: Any) -> None:
-        out = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
-        loss = task_loss(out.logits, b.y, "binary classification") + out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sync(device)
-        start = time.perf_counter()
-        optimizer.step()
-        sync(device)
-        optimizer_seconds.append(time.perf_counter() - start)
+        train_step(model, optimizer, b, TASK_TYPE, drop_node_p=0.0)
 
     model.train()
     if device.type == "cuda":
@@ -163,24 +168,13 @@ def data_wait_share(data: MolDataset, device: torch.device, max_batches: int) ->
     for i, b in enumerate(loader):
         b = b.to(device)
         wait += time.perf_counter() - fetched
-        out = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
-        optimizer.zero_grad()
-        task_loss(out.logits, b.y, "binary classification").backward()
-        optimizer.step()
+        train_step(model, optimizer, b, TASK_TYPE, drop_node_p=0.0)
         sync(device)
         fetched = time.perf_counter()
         if i + 1 == max_batches:
             break
     total = time.perf_counter() - start
     return {"batches": i + 1, "epoch_part_s": total, "data_wait_s": wait, "data_share": wait / total}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -293,10 +287,8 @@ def main() -> None:
                       f"bs={batch_size}: step {row['step_ms']:.1f} ms, "
                       f"{row['infer_graphs_per_s']:.0f} graphs/s", flush=True)
 
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"{platform.machine()} CPU ({os.cpu_count()} cores)")
-    report = {"device": str(device), "device_name": device_name, "dataset": dataset,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": git_commit(),
+    report = {"device": str(device), "device_name": hardware(device), "dataset": dataset,
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": code_commit(),
               "machine": platform.platform(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
               "hop2": hop2, "data": data_share, "models": rows, "goals": goals(rows)}

@@ -34,13 +34,14 @@ from torch_geometric.loader import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import REPO, built_molecules, git_commit, sync
+from bench import REPO, TASK_TYPE, built_molecules, sync
 
 from gmoe_bench.config import DatasetConfig, ModelConfig, MoEConfig
 from gmoe_bench.data.ogb import MolDataset, load_dataset
-from gmoe_bench.engine.loop import task_loss
+from gmoe_bench.engine.loop import train_step
 from gmoe_bench.engine.run import build_optimizer
 from gmoe_bench.model import build_model
+from gmoe_bench.records import code_commit, hardware
 
 PLAIN = MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True)
 MODELS: dict[str, tuple[ModelConfig, MoEConfig]] = {
@@ -86,11 +87,7 @@ def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, eval
     optimizer = build_optimizer(model, 1e-3)
 
     def step(b: Any) -> None:
-        out = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
-        loss = task_loss(out.logits, b.y, "binary classification") + out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, b, TASK_TYPE, drop_node_p=0.0)
 
     model.train()
     for b in train[:5]:
@@ -185,10 +182,9 @@ def main() -> None:
                       min(args.flop_sample, len(train)))
         row["share_of_peak"] = row["achieved_flop_per_s"] / peak
         rows.append(row)
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"{platform.machine()} CPU ({os.cpu_count()} cores)")
+    device_name = hardware(device)
     report = {"device": str(device), "device_name": device_name, "dataset": dataset,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": git_commit(),
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": code_commit(),
               "machine": platform.platform(), "torch": torch.__version__, "epochs": args.epochs,
               "train_batches": len(train), "peak_flop_per_s": peak, "models": rows,
               "wall_seconds": time.perf_counter() - started}

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gmoe_bench import output_dirs
 from gmoe_bench.data.from_smiles import write_ogb_folder
 
 REPO = Path(__file__).resolve().parents[1]
+output_dirs.register()  # the resolvers the Hydra configs name, as gmoe-train registers them
 
 
 def small_molecules() -> list[str]:

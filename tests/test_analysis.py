@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,16 @@ from ogb.graphproppred import Evaluator
 from omegaconf import OmegaConf
 from torch_geometric.loader import DataLoader
 
-from gmoe_bench.config import validate
+from gmoe_bench.analysis.routing import chance_v, cramers_v
+from gmoe_bench.analysis.routing import main as routing_main
+from gmoe_bench.config import config_identity, validate
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.engine.loop import evaluate
 from gmoe_bench.model import build_model
 from gmoe_bench.reports.cli import main as report_main
-from gmoe_bench.reports.cli import routing_main, select_main
+from gmoe_bench.reports.cli import select_main
 from gmoe_bench.reports.paper import comparison_table, selection
-from gmoe_bench.reports.routing import chance_v, cramers_v
 from gmoe_bench.reports.table import ConfigResult, collect, hop2_share, routing_entropy
 from gmoe_bench.train import train
 from tests.test_robustness import compose_cfg
@@ -134,8 +136,9 @@ def test_comparison_with_the_paper() -> None:
     # GIN: two GMoE candidates; GCN: one GMoE configuration is no choice, the plain one no candidate
     assert chosen.count("gmoe-train") == 1
     assert "(validation 95.00 ± 0.00, 1 seed); to run it with the paper's 10 seeds:" in chosen
-    assert ("`gmoe-train +experiment=paper_selected dataset=ogbg-molbbbp model=gin moe.num_experts=4 "
-            "moe.num_hop2=2 moe.top_k=2 moe.loss_weight=1.0`") in chosen
+    # the keys in which the chosen config differs from paper_selected's (λ=1 is its own)
+    assert ("`gmoe-train +experiment=paper_selected model.backbone=gin moe.num_experts=4 "
+            "moe.num_hop2=2 moe.top_k=2`") in chosen
     # a choice that already has the paper's seeds needs no command
     complete = selection([result("gin", 8, [0.6] * 10, valid=0.91), result("gin", 4, [0.7] * 10,
                                                                            valid=0.95)])
@@ -152,43 +155,49 @@ def test_plain_rows_are_named_by_backbone_only(tmp_path: Path) -> None:
     labels = sorted(r.label for r in collect([tmp_path]))
     assert labels == ["gcn", "gcn λ=1 n=8 hop2=8 k=4", "gin"]
 
-def write_summary(folder: Path, backbone: str, moe: dict, valid: float) -> None:
-    config = {"model": {"backbone": backbone}, "moe": moe, "dataset": {"name": "ogbg-molbbbp"}}
+def write_summary(folder: Path, backbone: str, moe: dict, valid: float,
+                  config: dict | None = None) -> None:
+    """A one-seed summary.json; ``config``, when given, is the job's whole config."""
+    config = config or {"model": {"backbone": backbone}, "moe": moe,
+                        "dataset": {"name": "ogbg-molbbbp"}}
     summary = {"dataset": "ogbg-molbbbp", "model": backbone, "metric": "rocauc", "config": config,
                "provenance": {}, "seeds": [{"seed": 0, "valid": valid, "test": 0.7}]}
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def test_gmoe_select_prints_the_overrides_of_the_best_validation_config(
+def test_gmoe_select_prints_overrides_that_reproduce_the_chosen_job(
         tmp_path: Path, small_mirror: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The printed command composes the chosen job's own config, keys the search's sweep or the user
+    changed beyond n, m, k and λ included: the same config identity, so the same checkpoints."""
     search = tmp_path / "search"
-    write_summary(search / "0", "gcn", {"num_experts": 8, "num_hop2": 4, "top_k": 4,
-                                        "loss_weight": 1.0}, valid=0.94)
-    write_summary(search / "1", "gcn", {"num_experts": 8, "num_hop2": 8, "top_k": 4,
-                                        "loss_weight": 1}, valid=0.95)  # a sweep's int λ
-    write_summary(search / "2", "gin", {"num_experts": 4, "num_hop2": 0, "top_k": 1,
-                                        "loss_weight": 1.0}, valid=0.99)
+    jobs = {  # folder: (overrides of the search job, mean validation)
+        "0": (("model=gcn", "experts=n8_half", "moe.top_k=4", "moe.loss_weight=1.0"), 0.94),
+        # the best: a sweep's int λ, a narrower network without the √k scaling, node dropping
+        "1": (("model=gcn", "experts=n8_hop2", "moe.top_k=2", "moe.loss_weight=1",
+               "model.hidden_dim=150", "moe.scale_hidden=false", "dataset.drop_node_p=0.2"), 0.95),
+        "2": (("model=gin", "experts=n4_hop1", "moe.top_k=1", "moe.loss_weight=0.1"), 0.99),
+    }
+    configs = {}
+    for folder, (overrides, valid) in jobs.items():
+        composed = compose_cfg(tmp_path, small_mirror, "+experiment=paper_molbbbp", *overrides)
+        configs[folder] = OmegaConf.to_container(composed, resolve=True)
+        write_summary(search / folder, configs[folder]["model"]["backbone"], {}, valid,
+                      config=configs[folder])
     assert select_main([str(search), "--backbone", "gcn"]) == 0
-    overrides = capsys.readouterr().out.split()
-    assert overrides == ["dataset=ogbg-molbbbp", "model=gcn", "moe.num_experts=8",
-                         "moe.num_hop2=8", "moe.top_k=4", "moe.loss_weight=1"]
-    selected = compose_cfg(tmp_path, small_mirror, "+experiment=paper_selected", *overrides)
-    cfg = validate(selected)
-    assert (cfg.model.backbone, cfg.moe.num_experts, cfg.moe.num_hop2, cfg.moe.top_k,
-            cfg.moe.loss_weight, len(cfg.seeds)) == ("gcn", 8, 8, 4, 1.0, 10)
-    # the 10-seed run finds the search's finished seeds: same checkpoint folder, whether λ is
-    # written 1 (sweep) or 1.0 (YAML)
-    searched = compose_cfg(tmp_path, small_mirror, "+experiment=paper_molbbbp", "model=gcn",
-                           "experts=n8_hop2", "moe.top_k=4", "moe.loss_weight=1.0")
-    assert (checkpoint_directory(OmegaConf.to_container(selected, resolve=True), "ogbg-molbbbp", "f")
-            == checkpoint_directory(OmegaConf.to_container(searched, resolve=True), "ogbg-molbbbp",
-                                    "f"))
-    other = compose_cfg(tmp_path, small_mirror, "+experiment=paper_molbbbp", "model=gcn",
-                        "experts=n8_hop2", "moe.top_k=4", "moe.loss_weight=0.1")
-    assert (checkpoint_directory(OmegaConf.to_container(other, resolve=True), "ogbg-molbbbp", "f")
-            != checkpoint_directory(OmegaConf.to_container(searched, resolve=True), "ogbg-molbbbp",
-                                    "f"))
+    overrides = shlex.split(capsys.readouterr().out)
+    # n=8 and λ=1 are paper_selected's own values (moe=gmoe): nothing to override
+    assert overrides == ["dataset.drop_node_p=0.2", "model.hidden_dim=150", "moe.num_hop2=8",
+                         "moe.top_k=2", "moe.scale_hidden=false"]
+    selected = OmegaConf.to_container(
+        compose_cfg(tmp_path, small_mirror, "+experiment=paper_selected", *overrides), resolve=True)
+    assert len(selected["seeds"]) == 10
+    assert config_identity(selected) == config_identity(configs["1"])
+    # the 10-seed run finds the search's finished seeds: the same checkpoint folder
+    assert (checkpoint_directory(selected, "ogbg-molbbbp", "f")
+            == checkpoint_directory(configs["1"], "ogbg-molbbbp", "f"))
+    assert (checkpoint_directory(configs["0"], "ogbg-molbbbp", "f")
+            != checkpoint_directory(configs["1"], "ogbg-molbbbp", "f"))
 
     # one GIN configuration is no choice: an error, and nothing on stdout for the make target to use
     assert select_main([str(search), "--backbone", "gin"]) == 2

@@ -4,9 +4,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gmoe_bench.config import IDENTITY_NEUTRAL, config_identity, validate
+from gmoe_bench.config import CONFIG_DIR, IDENTITY_NEUTRAL, config_identity, validate
 from gmoe_bench.errors import ConfigError
-from gmoe_bench.train import CONFIG_DIR
 
 
 def composed(*overrides: str):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from gmoe_bench.config import validate
+from gmoe_bench.config import CONFIG_DIR, validate
 from gmoe_bench.data.from_smiles import write_ogb_folder
 from gmoe_bench.data.ogb import ogb_meta
 from gmoe_bench.reports.cli import main as report_main
 from gmoe_bench.reports.cli import select_main
-from gmoe_bench.train import CONFIG_DIR, train
+from gmoe_bench.train import train
 from tests.conftest import small_molecules
 from tests.test_robustness import compose_cfg
 

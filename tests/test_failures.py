@@ -25,7 +25,9 @@ from omegaconf import OmegaConf
 
 from gmoe_bench import output_dirs
 from gmoe_bench import train as train_module
+from gmoe_bench.analysis.routing import main as routing_main
 from gmoe_bench.config import (
+    CONFIG_DIR,
     EXECUTION_KEYS,
     ModelConfig,
     MoEConfig,
@@ -38,10 +40,10 @@ from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.errors import ConfigError, DataError, TrainingError
 from gmoe_bench.model import build_model
 from gmoe_bench.reports.cli import main as report_main
-from gmoe_bench.reports.cli import routing_main, select_main
+from gmoe_bench.reports.cli import select_main
 from gmoe_bench.reports.table import collect
 from gmoe_bench.tracking.wandb_logger import WandbLogger
-from gmoe_bench.train import CONFIG_DIR, SweepJobError, default_threads, train
+from gmoe_bench.train import SweepJobError, default_threads, train
 from gmoe_bench.train import main as train_main
 from tests.conftest import small_molecules
 from tests.test_data import dataset_cfg

@@ -19,15 +19,15 @@ from hydra import compose, initialize_config_dir
 from ogb.graphproppred import Evaluator
 from torch_geometric.loader import DataLoader
 
-from gmoe_bench.config import ModelConfig, MoEConfig
+from gmoe_bench.config import CONFIG_DIR, ModelConfig, MoEConfig
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine import loop
 from gmoe_bench.engine.checkpoint import SeedCheckpoint
 from gmoe_bench.engine.loop import evaluate, train_epoch
 from gmoe_bench.errors import DataError, TrainingError
 from gmoe_bench.model import build_model
-from gmoe_bench.tracking.summary import write_json_atomic
-from gmoe_bench.train import CONFIG_DIR, train
+from gmoe_bench.records import write_json_atomic
+from gmoe_bench.train import train
 from tests.conftest import REPO, run_cli, write_small_dataset
 from tests.test_data import dataset_cfg
 

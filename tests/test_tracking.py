@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from gmoe_bench.train import CONFIG_DIR, train
+from gmoe_bench.config import CONFIG_DIR
+from gmoe_bench.train import train
 from tests.conftest import run_cli
 from tests.wandb_records import run_contents
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from gmoe_bench.config import config_identity
 from gmoe_bench.errors import ConfigError, TrainingError
 from gmoe_bench.output_dirs import aside_name
-from gmoe_bench.tracking.summary import write_json_atomic
+from gmoe_bench.records import write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def set_aside(path: Path, reason: str) -> None:
     log.warning("%s cannot be used (%s); moved to %s, the seed starts over.", path, reason, aside)
 
 
-# What a finished seed's record must hold to be reported (gmoe_bench.engine.run.SeedResult).
+# What a finished seed's record must hold to be reported (gmoe_bench.records.SeedResult).
 RESULT_KEYS = ("seed", "best_epoch", "valid", "test", "epochs")
 STATE_KEYS = ("model", "optimizer", "rng", "records", "wall_seconds")
 
@@ -165,17 +164,6 @@ def _write_error(path: Path, err: OSError) -> TrainingError:
 def _save_atomic(obj: Any, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        write_atomic(path, lambda f: torch.save(obj, f))
     except OSError as err:
         raise _write_error(path, err) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise _write_error(path, err) from err
-        raise

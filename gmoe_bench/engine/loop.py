@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from ogb.graphproppred import Evaluator
 from torch import Tensor
+from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
 from gmoe_bench.data.augment import drop_nodes
 from gmoe_bench.errors import TrainingError
-from gmoe_bench.model import MolGNN
+from gmoe_bench.model import ModelOutput, MolGNN
 
 
 @dataclass
@@ -40,6 +41,24 @@ def task_loss(logits: Tensor, y: Tensor, task_type: str) -> Tensor:
     return total / labelled.sum().clamp(min=1)  # no host sync; a batch with no labels gives 0
 
 
+def train_step(model: MolGNN, optimizer: torch.optim.Optimizer, batch: Batch, task_type: str,
+               drop_node_p: float) -> tuple[Tensor, ModelOutput]:
+    """One optimisation step on ``batch`` (already on the model's device): node dropping, forward,
+    task loss plus the weighted auxiliary loss, backward, optimizer step. Returns the task loss and
+    the model's output as device tensors: reading them is the caller's (one host sync per epoch).
+    The benchmark (scripts/bench.py) times this same step."""
+    x, edge_index, edge_attr, node_graph = batch.x, batch.edge_index, batch.edge_attr, batch.batch
+    if drop_node_p > 0:
+        x, edge_index, edge_attr, node_graph = drop_nodes(
+            x, edge_index, edge_attr, node_graph, batch.num_graphs, drop_node_p)
+    out = model(x, edge_index, edge_attr, node_graph, batch.num_graphs)
+    loss = task_loss(out.logits, batch.y, task_type)
+    optimizer.zero_grad(set_to_none=True)
+    (loss + out.aux_loss).backward()
+    optimizer.step()
+    return loss, out
+
+
 def train_epoch(model: MolGNN, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 device: torch.device, task_type: str, drop_node_p: float,
                 progress: bool) -> EpochStats:
@@ -54,15 +73,7 @@ def train_epoch(model: MolGNN, loader: DataLoader, optimizer: torch.optim.Optimi
             skipped += 1
             continue
         batch = batch.to(device, non_blocking=True)
-        x, edge_index, edge_attr, node_graph = batch.x, batch.edge_index, batch.edge_attr, batch.batch
-        if drop_node_p > 0:
-            x, edge_index, edge_attr, node_graph = drop_nodes(
-                x, edge_index, edge_attr, node_graph, batch.num_graphs, drop_node_p)
-        out = model(x, edge_index, edge_attr, node_graph, batch.num_graphs)
-        loss = task_loss(out.logits, batch.y, task_type)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + out.aux_loss).backward()
-        optimizer.step()
+        loss, out = train_step(model, optimizer, batch, task_type, drop_node_p)
         loss_sum += loss.detach()
         aux_sum += out.aux_loss.detach()
         if out.expert_counts is not None:

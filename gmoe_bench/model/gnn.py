@@ -64,9 +64,10 @@ class MolGNN(nn.Module):
         h^{(l+1)} = \mathrm{Dropout}(\mathrm{ReLU}(\mathrm{Layer}_l(h^{(l)}))),\quad
         \hat y = W\, \mathrm{Pool}(h^{(L)}) + b
 
-    (no ReLU after the last layer; JK = last). ``Layer`` is conv + BatchNorm, or a
-    :class:`GMoELayer` when ``moe_layers`` is given. With ``virtual_node``, a per-graph virtual
-    node is added to every atom before each layer and updated by an MLP, as in OGB.
+    (no ReLU after the last layer; JK = last). ``layers`` holds each ``Layer``: conv + BatchNorm
+    (:class:`BackboneLayer`) or a :class:`GMoELayer` (built by ``build_model``). With
+    ``virtual_node``, a per-graph virtual node is added to every atom before each layer and updated
+    by an MLP, as in OGB.
     """
 
     def __init__(self, num_tasks: int, emb_dim: int, num_layers: int, dropout: float,

@@ -1,4 +1,8 @@
-"""gmoe-report: turn run and sweep folders into tables (Markdown, CSV, LaTeX) and plots."""
+"""gmoe-report and gmoe-select: run and sweep folders (their summary.json) into tables and plots,
+and the configuration the paper's model selection picks.
+
+JSON in, text and images out: nothing here imports torch or the training code (tested), so reports
+run anywhere. gmoe-routing, which loads trained weights, is gmoe_bench.analysis.routing."""
 
 from __future__ import annotations
 
@@ -8,15 +12,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-from torch_geometric.loader import DataLoader
-
-from gmoe_bench.config import validate
-from gmoe_bench.data.ogb import MolDataset, load_dataset
-from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
-from gmoe_bench.errors import UserError, describe_error
-from gmoe_bench.model import build_model
 from gmoe_bench.reports.paper import (
     best_per_backbone,
     comparison_table,
@@ -29,15 +24,8 @@ from gmoe_bench.reports.plots import (
     routing_heatmaps,
     validation_curves,
 )
-from gmoe_bench.reports.routing import (
-    RoutingAnalysis,
-    markdown_report,
-    plot_report,
-    routing_counts,
-)
 from gmoe_bench.reports.table import (
     DIGEST_FILE,
-    ConfigResult,
     collect,
     details_table,
     digest,
@@ -113,92 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     entropy_curves(results, args.out / "routing_entropy.png")
     print(table, end="")
     print(f"{len(results)} configurations, written to {args.out}")
-    return 0
-
-
-def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
-                    checkpoint_root: Path | None) -> RoutingAnalysis:
-    """Load every seed's best-validation weights and tally its routing on ``split``."""
-    cfg = validate(OmegaConf.create(result.config))
-    config = result.config
-    if checkpoint_root is not None:
-        config = {**config, "trainer": {**config["trainer"], "checkpoint_dir": str(checkpoint_root)}}
-    if result.fingerprint is not None and result.fingerprint != data.fingerprint:
-        raise UserError(f"'{result.label}' was trained on other data than {data.folder} holds now "
-                        f"(content hash {result.fingerprint}, now {data.fingerprint}); routing it on "
-                        "this data would mislead. Restore the data it was trained on.")
-    directory = checkpoint_directory(config, result.dataset, result.fingerprint)
-    loader = DataLoader(data.graphs[data.split[split]], batch_size=cfg.trainer.eval_batch_size)
-    counts = []
-    for seed in sorted(s["seed"] for s in result.seeds):
-        path = SeedCheckpoint(directory, seed).best_model_path
-        if not path.is_file():
-            raise UserError(f"{path} does not exist: the best-validation weights of seed {seed} of "
-                            f"'{result.label}' are not there. They are kept by gmoe-train since "
-                            "commit 94a5e0c: for a run made before, delete the seed's .json next to it "
-                            "and re-run the same command; if the checkpoints were moved, pass "
-                            "--checkpoint-dir.")
-        model = build_model(cfg.model, cfg.moe, data.num_tasks)
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu"))
-        except Exception as err:  # truncated, foreign or of another architecture
-            raise UserError(f"{path} cannot be loaded as the weights of seed {seed} of "
-                            f"'{result.label}' ({describe_error(err)}). "
-                            "Delete the seed's .json beside it and re-run the same command to "
-                            "train it again.") from err
-        counts.append(routing_counts(model, loader, torch.device("cpu")))
-    return RoutingAnalysis(result.label, result.dataset, cfg.moe.num_hop2, cfg.moe.top_k,
-                           sorted(s["seed"] for s in result.seeds), counts)
-
-
-def routing_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gmoe-routing",
-        description="Relate the routing of trained GMoE models to atom structure (element, degree, "
-                    "ring membership): for every GMoE configuration under the given folders, load "
-                    "each seed's best-validation weights (kept in trainer.checkpoint_dir), route "
-                    "the chosen split without gate noise, and write routing_structure.md/.json, "
-                    "routing_structure.png (Cramér's V per layer) and routing_classes.png.")
-    parser.add_argument("dirs", nargs="+", type=Path,
-                        help="run or sweep folders (searched recursively), or a digest.json of an "
-                             "earlier report (rebuilds it without the run folders)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the report")
-    parser.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None,
-                        help="checkpoint root, if not the runs' trainer.checkpoint_dir")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    if not (dirs_exist("gmoe-routing", args.dirs) and out_is_folder("gmoe-routing", args.out)):
-        return 2
-    # k = n routes every node to every expert: there is no choice to relate to structure.
-    results = [r for r in collect(args.dirs)
-               if 0 < r.config["moe"]["top_k"] < r.config["moe"]["num_experts"]]
-    if not results:
-        print(f"gmoe-routing: error: no GMoE run with top_k < num_experts and a finished seed under "
-              f"{', '.join(map(str, args.dirs))}.", file=sys.stderr)
-        return 2
-    datasets: dict[tuple[str, str], MolDataset] = {}  # by (name, root): copies may differ
-    analyses = []
-    try:
-        for result in results:
-            key = (result.dataset, result.config["dataset"]["root"])
-            if key not in datasets:
-                datasets[key] = load_dataset(validate(OmegaConf.create(result.config)).dataset)
-            analyses.append(analyse_routing(result, datasets[key], args.split,
-                                            args.checkpoint_dir))
-    except UserError as err:
-        print(f"gmoe-routing: error: {err}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = markdown_report(analyses, args.split)
-    (args.out / "routing_structure.md").write_text(report)
-    (args.out / "routing_structure.json").write_text(
-        json.dumps([a.to_dict() for a in analyses], indent=1))
-    plot_report(analyses, str(args.out / "routing_structure.png"),
-                str(args.out / "routing_classes.png"))
-    print(report, end="")
-    print(f"{len(analyses)} configurations, written to {args.out}")
     return 0
 
 

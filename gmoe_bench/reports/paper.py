@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from gmoe_bench.engine.run import LOWER_IS_BETTER
+import re
+import shlex
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gmoe_bench import output_dirs
+from gmoe_bench.config import CONFIG_DIR, is_execution_key
+from gmoe_bench.records import display_scale, flatten, higher_is_better
 from gmoe_bench.reports.paper_figures import PAPER_SEEDS, family, paper_figure
 from gmoe_bench.reports.stats import LEVEL
 from gmoe_bench.reports.table import ConfigResult
@@ -18,8 +27,9 @@ def comparison_table(results: list[ConfigResult]) -> str:
         paper = paper_figure(r)
         if paper is None:
             continue
-        mean, std = (100 * v for v in r.mean_std("test"))
-        ci = r.interval("test").scaled(100)
+        scale = display_scale(r.metric)  # the paper's figures are ROC-AUC × 100
+        mean, std = (scale * v for v in r.mean_std("test"))
+        ci = r.interval("test").scaled(scale)
         epochs = "/".join(str(n) for n in sorted({len(s["epochs"]) for s in r.seeds}))
         # one seed has no interval to compare with
         inside = "yes" if ci.contains(paper[0]) else "no" if ci.defined else "n/a"
@@ -39,17 +49,41 @@ def best_per_backbone(results: list[ConfigResult]) -> dict[tuple[str, str], Conf
     for r in results:
         if r.is_gmoe:
             candidates.setdefault((r.dataset, r.config["model"]["backbone"]), []).append(r)
-    return {key: (min if rs[0].metric in LOWER_IS_BETTER else max)(
+    return {key: (max if higher_is_better(rs[0].metric) else min)(
                 rs, key=lambda r: r.mean_std("valid")[0])
             for key, rs in candidates.items() if len(rs) > 1}
 
 
+# What the selected configuration is re-run with: the paper's 10 seeds (configs/experiment/).
+SELECTED_EXPERIMENT = "+experiment=paper_selected"
+
+
+def _override_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar (a string that would parse as another type is quoted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, str) and (not re.fullmatch(r"[A-Za-z_][\w./:-]*", value)
+                                   or value.lower() in ("true", "false", "null", "nan", "inf")):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
+
+
 def selected_overrides(result: ConfigResult) -> str:
-    """The command-line overrides that, after ``+experiment=paper_selected``, re-run ``result``."""
-    moe = result.config["moe"]
-    return (f"dataset={result.dataset} model={result.config['model']['backbone']} "
-            f"moe.num_experts={moe['num_experts']} moe.num_hop2={moe['num_hop2']} "
-            f"moe.top_k={moe['top_k']} moe.loss_weight={moe['loss_weight']}")
+    """The overrides that, after ``+experiment=paper_selected``, compose ``result``'s own config:
+    every key whose value in the job differs from what that experiment composes to, so the command
+    trains the same model (same config identity, so the search's finished seeds are reused), not a
+    rebuilt approximation. Execution keys (seeds, device, data folders, W&B) are left to the user."""
+    output_dirs.register()  # the resolvers the Hydra configs name
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        base = flatten(OmegaConf.to_container(compose("train", overrides=[SELECTED_EXPERIMENT]),
+                                            resolve=True))
+    changed = [f"{key}={_override_value(value)}" for key, value in flatten(result.config).items()
+               if key in base and base[key] != value and not is_execution_key(key)]
+    return " ".join(shlex.quote(override) for override in changed)
 
 
 def selection(results: list[ConfigResult]) -> str:
@@ -59,12 +93,12 @@ def selection(results: list[ConfigResult]) -> str:
     for (dataset, backbone), r in sorted(best_per_backbone(results).items()):
         valid = r.mean_std("valid")
         seeds = f"{len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}"
-        scale = 100 if r.metric == "rocauc" else 1
+        scale = display_scale(r.metric)
         lines.append(f"- {dataset} GMoE-{backbone.upper()}: {r.label} (validation "
                      f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {seeds})")
         if len(r.seeds) < PAPER_SEEDS:
             lines[-1] += f"; to run it with the paper's {PAPER_SEEDS} seeds:"
-            lines.append(f"  `gmoe-train +experiment=paper_selected {selected_overrides(r)}`")
+            lines.append(f"  `gmoe-train {SELECTED_EXPERIMENT} {selected_overrides(r)}`")
         else:
             lines[-1] += f", already run with the paper's {PAPER_SEEDS} seeds"
     return "\n".join(lines) + "\n" if lines else ""

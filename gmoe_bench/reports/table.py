@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 
 from gmoe_bench.config import EXECUTION_KEYS, config_identity, network_width
-from gmoe_bench.engine.run import LOWER_IS_BETTER
+from gmoe_bench.records import SUMMARY_FILE, display_scale, flatten, higher_is_better
 from gmoe_bench.reports.paper_figures import paper_figure
 from gmoe_bench.reports.stats import LEVEL, Interval, difference_interval, mean_interval
-from gmoe_bench.tracking.summary import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +70,6 @@ class ConfigResult:
     @property
     def is_gmoe(self) -> bool:
         return self.config["moe"]["num_experts"] > 0
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:
@@ -199,10 +188,6 @@ def _name_rows(results: list[ConfigResult]) -> None:
             r.label += f" data={r.fingerprint[:8] if r.fingerprint else 'unrecorded'}"
 
 
-def _scale(metric: str) -> float:
-    return 1.0 if metric in LOWER_IS_BETTER else 100.0
-
-
 @dataclass
 class Gain:
     """A GMoE row against the plain row of its backbone under the same semantics."""
@@ -220,7 +205,7 @@ class Gain:
         d = self.difference
         if not d.excludes_zero:
             return "within noise" if d.defined else "n/a"
-        better = (d.estimate < 0) == (self.gmoe.metric in LOWER_IS_BETTER)
+        better = (d.estimate > 0) == higher_is_better(self.gmoe.metric)
         return "better" if better else "worse"
 
 
@@ -249,7 +234,7 @@ def gain_table(results: list[ConfigResult]) -> str:
               f"{LEVEL:.0%} interval (Welch)", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for gain in gains(results):
-        scale, d = _scale(gain.gmoe.metric), gain.difference
+        scale, d = display_scale(gain.gmoe.metric), gain.difference
         lines.append("| " + " | ".join([
             gain.gmoe.label, gain.backbone.label, gain.gmoe.dataset,
             f"{len(gain.gmoe.seeds)} / {len(gain.backbone.seeds)}", f"{d.estimate * scale:+.2f}",
@@ -272,7 +257,7 @@ def _best_per_column(labels: list[str], datasets: list[str], cells: dict) -> set
                    if (lab, dataset) in cells]
         if present:
             metric = cells[(present[0][1], dataset)].metric
-            chosen = min(present) if metric in LOWER_IS_BETTER else max(present)
+            chosen = max(present) if higher_is_better(metric) else min(present)
             best.add((chosen[1], dataset))
     return best
 
@@ -290,7 +275,7 @@ def _formatted_rows(results: list[ConfigResult], plus_minus: str, bold: Callable
             if result is None:
                 row.append(missing)
                 continue
-            scale = _scale(result.metric)
+            scale = display_scale(result.metric)
             mean, std = result.mean_std("test")
             cell = f"{mean * scale:.2f} {plus_minus} {std * scale:.2f}"
             row.append(bold(cell) if (label, dataset) in best else cell)
@@ -303,7 +288,7 @@ def markdown_table(results: list[ConfigResult]) -> str:
     """Test metric (ROC-AUC × 100) mean ± std over seeds, best per column in bold."""
     datasets, rows = _formatted_rows(results, "±", lambda c: f"**{c}**", "–")
     metrics = sorted({r.metric for r in results})
-    scaled = " × 100" if _scale(metrics[0]) == 100 else ""
+    scaled = " × 100" if display_scale(metrics[0]) == 100 else ""
     header = ["model", *[f"{d} (test {'/'.join(metrics)}{scaled})" for d in datasets], "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, cells, seed_counts in rows:
@@ -326,7 +311,7 @@ def latex_table(results: list[ConfigResult]) -> str:
                   rf"Model & Backbone & $\Delta$ (test) & {LEVEL:.0%} CI (Welch) \\".replace("%", r"\%"),
                   r"\midrule"]
         for gain in pairs:
-            scale, d = _scale(gain.gmoe.metric), gain.difference
+            scale, d = display_scale(gain.gmoe.metric), gain.difference
             names = [x.label.replace("λ", r"$\lambda$").replace("_", r"\_")
                      for x in (gain.gmoe, gain.backbone)]
             lines.append(" & ".join([*names, f"{d.estimate * scale:+.2f}", _interval_text(d, scale)])
@@ -397,7 +382,7 @@ def details_table(results: list[ConfigResult]) -> str:
               "parameters", "routing entropy", "hop-2 share"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        scale = _scale(r.metric)
+        scale = display_scale(r.metric)
         valid, test = r.mean_std("valid"), r.mean_std("test")
         best = [s["best_epoch"] for s in r.seeds]
         at_best = [s["epochs"][s["best_epoch"] - 1]["routing"] for s in r.seeds]

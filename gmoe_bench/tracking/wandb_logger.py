@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from gmoe_bench.config import WandbConfig, config_identity
-from gmoe_bench.engine.run import EpochRecord, SeedResult
 from gmoe_bench.errors import describe_error
+from gmoe_bench.records import EpochRecord, SeedResult
 
 log = logging.getLogger(__name__)
 

@@ -15,17 +15,29 @@ numbered, so they are averaged over seeds (an expert index means nothing across 
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 from torch_geometric.loader import DataLoader
 from torch_geometric.utils import degree
 
-from gmoe_bench.model import MolGNN
+from gmoe_bench.config import validate
+from gmoe_bench.data.ogb import MolDataset, load_dataset
+from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
+from gmoe_bench.errors import UserError, describe_error
+from gmoe_bench.model import MolGNN, build_model
 from gmoe_bench.model.moe import GMoELayer
+from gmoe_bench.reports.cli import dirs_exist, out_is_folder
+from gmoe_bench.reports.table import ConfigResult, collect
 
 # OGB atom features (ogb.utils.features): column 0 is atomic number - 1, column 8 is "in ring".
 ATOMIC_NUM_COLUMN, IN_RING_COLUMN = 0, 8
@@ -231,3 +243,92 @@ def plot_report(analyses: list[RoutingAnalysis], path_v: str, path_classes: str)
     fig.tight_layout()
     fig.savefig(path_classes, dpi=110)
     plt.close(fig)
+
+
+def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
+                    checkpoint_root: Path | None) -> RoutingAnalysis:
+    """Load every seed's best-validation weights and tally its routing on ``split``."""
+    cfg = validate(OmegaConf.create(result.config))
+    config = result.config
+    if checkpoint_root is not None:
+        config = {**config, "trainer": {**config["trainer"], "checkpoint_dir": str(checkpoint_root)}}
+    if result.fingerprint is not None and result.fingerprint != data.fingerprint:
+        raise UserError(f"'{result.label}' was trained on other data than {data.folder} holds now "
+                        f"(content hash {result.fingerprint}, now {data.fingerprint}); routing it on "
+                        "this data would mislead. Restore the data it was trained on.")
+    directory = checkpoint_directory(config, result.dataset, result.fingerprint)
+    loader = DataLoader(data.graphs[data.split[split]], batch_size=cfg.trainer.eval_batch_size)
+    counts = []
+    for seed in sorted(s["seed"] for s in result.seeds):
+        path = SeedCheckpoint(directory, seed).best_model_path
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: the best-validation weights of seed {seed} of "
+                            f"'{result.label}' are not there. Runs made before gmoe-train kept them "
+                            "lack them: delete the seed's .json next to it and re-run the same "
+                            "command; if the checkpoints were moved, pass --checkpoint-dir.")
+        model = build_model(cfg.model, cfg.moe, data.num_tasks)
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu"))
+        except Exception as err:  # truncated, foreign or of another architecture
+            raise UserError(f"{path} cannot be loaded as the weights of seed {seed} of "
+                            f"'{result.label}' ({describe_error(err)}). "
+                            "Delete the seed's .json beside it and re-run the same command to "
+                            "train it again.") from err
+        counts.append(routing_counts(model, loader, torch.device("cpu")))
+    return RoutingAnalysis(result.label, result.dataset, cfg.moe.num_hop2, cfg.moe.top_k,
+                           sorted(s["seed"] for s in result.seeds), counts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gmoe-routing",
+        description="Relate the routing of trained GMoE models to atom structure (element, degree, "
+                    "ring membership): for every GMoE configuration under the given folders, load "
+                    "each seed's best-validation weights (kept in trainer.checkpoint_dir), route "
+                    "the chosen split without gate noise, and write routing_structure.md/.json, "
+                    "routing_structure.png (Cramér's V per layer) and routing_classes.png.")
+    parser.add_argument("dirs", nargs="+", type=Path,
+                        help="run or sweep folders (searched recursively), or a digest.json of an "
+                             "earlier report (rebuilds it without the run folders)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report")
+    parser.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="checkpoint root, if not the runs' trainer.checkpoint_dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if not (dirs_exist("gmoe-routing", args.dirs) and out_is_folder("gmoe-routing", args.out)):
+        return 2
+    # k = n routes every node to every expert: there is no choice to relate to structure.
+    results = [r for r in collect(args.dirs)
+               if 0 < r.config["moe"]["top_k"] < r.config["moe"]["num_experts"]]
+    if not results:
+        print(f"gmoe-routing: error: no GMoE run with top_k < num_experts and a finished seed under "
+              f"{', '.join(map(str, args.dirs))}.", file=sys.stderr)
+        return 2
+    datasets: dict[tuple[str, str], MolDataset] = {}  # by (name, root): copies may differ
+    analyses = []
+    try:
+        for result in results:
+            key = (result.dataset, result.config["dataset"]["root"])
+            if key not in datasets:
+                datasets[key] = load_dataset(validate(OmegaConf.create(result.config)).dataset)
+            analyses.append(analyse_routing(result, datasets[key], args.split,
+                                            args.checkpoint_dir))
+    except UserError as err:
+        print(f"gmoe-routing: error: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = markdown_report(analyses, args.split)
+    (args.out / "routing_structure.md").write_text(report)
+    (args.out / "routing_structure.json").write_text(
+        json.dumps([a.to_dict() for a in analyses], indent=1))
+    plot_report(analyses, str(args.out / "routing_structure.png"),
+                str(args.out / "routing_classes.png"))
+    print(report, end="")
+    print(f"{len(analyses)} configurations, written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
