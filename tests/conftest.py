@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.core.global_hydra import GlobalHydra
 
 from gmoe_bench import output_dirs
 from gmoe_bench.data.from_smiles import write_ogb_folder
@@ -46,15 +49,58 @@ def small_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return mirror
 
 
-def run_cli(*overrides: str, cwd: Path, mirror: Path | None, data_root: Path,
-            timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m gmoe_bench.train`` with Hydra overrides; output goes to ``cwd/run``."""
+def cli_env(mirror: Path | None, data_root: Path) -> dict[str, str]:
+    """The environment of a gmoe-train run in a test: the given mirror (or none) and data root."""
     env = {k: v for k, v in os.environ.items() if k != "GMOE_DATA_MIRROR"}
     if mirror is not None:
         env["GMOE_DATA_MIRROR"] = str(mirror)
     env["GMOE_DATA_ROOT"] = str(data_root)
     env["WANDB_SILENT"] = "true"
-    flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m, --help) come first
-    cmd = [sys.executable, "-m", "gmoe_bench.train", *flags, f"hydra.run.dir={cwd / 'run'}",
-           "trainer.progress=false", *(o for o in overrides if not o.startswith("-"))]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def cli_args(overrides: tuple[str, ...], cwd: Path) -> list[str]:
+    """gmoe-train's arguments: Hydra's flags (-m, --help) first, output in ``cwd/run``."""
+    flags = [o for o in overrides if o.startswith("-")]
+    return [*flags, f"hydra.run.dir={cwd / 'run'}", "trainer.progress=false",
+            *(o for o in overrides if not o.startswith("-"))]
+
+
+def run_cli(*overrides: str, cwd: Path, mirror: Path | None,
+            data_root: Path) -> subprocess.CompletedProcess[str]:
+    """Run gmoe-train's ``main()`` in this process, as the command line would (argv, environment,
+    working folder, exit code, stdout and stderr): a subprocess would spend seconds importing torch,
+    PyG and Hydra for every run. :func:`run_cli_subprocess` is the real command."""
+    import torch
+
+    from gmoe_bench.train import main
+
+    args = cli_args(overrides, cwd)
+    saved_env, saved_argv, saved_threads = dict(os.environ), sys.argv, torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(cli_env(mirror, data_root))
+    sys.argv = ["gmoe-train", *args]
+    code: int | str | None = 0
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)  # a run's trainer.cpu_threads stays with the run
+        GlobalHydra.instance().clear()
+    returncode = code if isinstance(code, int) else 0 if code is None else 1
+    return subprocess.CompletedProcess(["gmoe-train", *args], returncode, out.getvalue(),
+                                       err.getvalue())
+
+
+def run_cli_subprocess(*overrides: str, cwd: Path, mirror: Path | None, data_root: Path,
+                       timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m gmoe_bench.train`` with Hydra overrides; output goes to ``cwd/run``."""
+    cmd = [sys.executable, "-m", "gmoe_bench.train", *cli_args(overrides, cwd)]
+    return subprocess.run(cmd, cwd=cwd, env=cli_env(mirror, data_root), capture_output=True,
+                          text=True, timeout=timeout)

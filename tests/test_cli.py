@@ -1,4 +1,4 @@
-"""End-to-end runs of gmoe-train as a user starts it (a subprocess with Hydra overrides)."""
+"""End-to-end runs of gmoe-train as a user starts it (Hydra overrides on the command line)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_subprocess
 
 
 def load_summary(tmp_path: Path) -> dict:
@@ -17,7 +17,8 @@ def load_summary(tmp_path: Path) -> dict:
 
 
 def test_baseline_two_seeds_end_to_end(small_mirror: Path, tmp_path: Path) -> None:
-    proc = run_cli("model=gin", "seeds=[0,1]", "trainer.epochs=2", "logger=none",
+    # the one run through the real command (a new process); the other tests call main() in-process
+    proc = run_cli_subprocess("model=gin", "seeds=[0,1]", "trainer.epochs=2", "logger=none",
                    cwd=tmp_path, mirror=small_mirror, data_root=tmp_path / "data")
     assert proc.returncode == 0, proc.stderr
     summary = load_summary(tmp_path)
@@ -105,8 +106,7 @@ def test_help_lists_the_config_groups(tmp_path: Path) -> None:
 def test_real_molbbbp_gcn_two_seeds(tmp_path: Path) -> None:
     mirror = Path(os.environ["GMOE_DATA_MIRROR"])
     proc = run_cli("dataset=ogbg-molbbbp", "model=gcn", "seeds=[0,1]", "trainer.epochs=2",
-                   "logger=none", cwd=tmp_path, mirror=mirror, data_root=tmp_path / "data",
-                   timeout=600)
+                   "logger=none", cwd=tmp_path, mirror=mirror, data_root=tmp_path / "data")
     assert proc.returncode == 0, proc.stderr
     summary = load_summary(tmp_path)
     assert len(summary["seeds"]) == 2

@@ -265,3 +265,23 @@ def test_hidden_size_scales_with_top_k() -> None:
     no_scaling = moe_cfg(8, 4, 4)
     no_scaling.scale_hidden = False
     assert expert_hidden_dim(model, no_scaling) == 300
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum", "max"])
+def test_pooling_reads_out_each_graph(pooling: str) -> None:
+    """The head sees, per graph, the mean / sum / max of the last layer's atom embeddings."""
+    torch.manual_seed(0)
+    b = batch()
+    plain = MoEConfig(num_experts=0, num_hop2=0, top_k=1, loss_weight=0.0, noisy_gating=False,
+                      combine="sum", dispatch="sparse", scale_hidden=False)
+    config = ModelConfig(backbone="gin", num_layers=3, hidden_dim=16, dropout=0.5,
+                         virtual_node=False, pooling=pooling)
+    model = build_model(config, plain, num_tasks=2).eval()  # eval: no dropout after the last layer
+    seen: dict[str, torch.Tensor] = {}
+    model.layers[-1].register_forward_hook(lambda _m, _i, out: seen.update(atoms=out[0]))
+    model.head.register_forward_hook(lambda _m, inputs, _o: seen.update(pooled=inputs[0]))
+    model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
+    reduce = {"mean": lambda h: h.mean(0), "sum": lambda h: h.sum(0),
+              "max": lambda h: h.max(0).values}[pooling]
+    expected = torch.stack([reduce(seen["atoms"][b.batch == g]) for g in range(b.num_graphs)])
+    torch.testing.assert_close(seen["pooled"], expected)

@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 def sweep(tmp_path: Path, mirror: Path, *overrides: str) -> Path:
     out = tmp_path / "sweep"
     proc = run_cli("-m", f"hydra.sweep.dir={out}", "trainer.epochs=2", "trainer.cpu_threads=1",
-                   *overrides, cwd=tmp_path, mirror=mirror, data_root=tmp_path / "data", timeout=600)
+                   *overrides, cwd=tmp_path, mirror=mirror, data_root=tmp_path / "data")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
