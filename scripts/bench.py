@@ -71,6 +71,17 @@ def built_molecules(folder: Path) -> MolDataset:
     return load_dataset(DatasetConfig("ogbg-molhiv", str(folder / "root"), str(folder), 0.0))
 
 
+def molhiv_or_built(folder: Path) -> tuple[MolDataset, str]:
+    """ogbg-molhiv from $GMOE_DATA_MIRROR, else the built molecules (in ``folder``); and its name."""
+    mirror = os.environ.get("GMOE_DATA_MIRROR")
+    if mirror:
+        root = os.environ.get("GMOE_DATA_ROOT", "data")
+        return (load_dataset(DatasetConfig("ogbg-molhiv", root, mirror, 0.0)),
+                "ogbg-molhiv (mirror)")
+    data = built_molecules(folder)
+    return data, f"{len(data.graphs)} molecules built by the script"
+
+
 def batches(data: MolDataset, batch_size: int, count: int, device: torch.device) -> list:
     loader = DataLoader(data.graphs[data.split["train"][: batch_size * count]],
                         batch_size=batch_size)
@@ -251,15 +262,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    mirror = os.environ.get("GMOE_DATA_MIRROR")
     with tempfile.TemporaryDirectory() as tmp:
-        if mirror:
-            data = load_dataset(DatasetConfig("ogbg-molhiv", os.environ.get("GMOE_DATA_ROOT", "data"),
-                                              mirror, 0.0))
-            dataset = "ogbg-molhiv (mirror)"
-        else:
-            data = built_molecules(Path(tmp))
-            dataset = f"{len(data.graphs)} molecules built by the script"
+        data, dataset = molhiv_or_built(Path(tmp))
         print(f"{dataset} on {device}", flush=True)
         hop2 = {"graphs": len(data.graphs), "seconds": hop2_seconds(data)}
         print(f"hop-2 edges for {hop2['graphs']} graphs: {hop2['seconds']:.2f} s", flush=True)

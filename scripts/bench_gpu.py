@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import sys
@@ -34,10 +33,10 @@ from torch_geometric.loader import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import REPO, TASK_TYPE, built_molecules, sync
+from bench import REPO, TASK_TYPE, molhiv_or_built, sync
 
-from gmoe_bench.config import DatasetConfig, ModelConfig, MoEConfig
-from gmoe_bench.data.ogb import MolDataset, load_dataset
+from gmoe_bench.config import ModelConfig, MoEConfig
+from gmoe_bench.data.ogb import MolDataset
 from gmoe_bench.engine.loop import train_step
 from gmoe_bench.engine.run import build_optimizer
 from gmoe_bench.model import build_model
@@ -161,15 +160,8 @@ def main() -> None:
                  "(make install TORCH_SPEC=...) or pass --device cpu --quick for a smoke test.")
     started = time.perf_counter()
     limit = 20 if args.quick else None
-    mirror = os.environ.get("GMOE_DATA_MIRROR")
     with tempfile.TemporaryDirectory() as tmp:
-        if mirror:
-            data = load_dataset(DatasetConfig("ogbg-molhiv", os.environ.get("GMOE_DATA_ROOT", "data"),
-                                              mirror, 0.0))
-            dataset = "ogbg-molhiv (mirror)"
-        else:
-            data = built_molecules(Path(tmp))
-            dataset = f"{len(data.graphs)} molecules built by the script"
+        data, dataset = molhiv_or_built(Path(tmp))
         train = device_batches(data, "train", 32, True, device, limit)
         evaluation = (device_batches(data, "valid", 256, False, device, limit)
                       + device_batches(data, "test", 256, False, device, limit))
