@@ -31,6 +31,7 @@ BACKBONES = ("gcn", "gin")
 POOLINGS = ("mean", "sum", "max")
 COMBINES = ("sum", "mean")
 DISPATCHES = ("sparse", "dense")
+GATES = ("top_k", "dense", "expert_choice", "random")  # gmoe_bench/model/gate.py
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -62,6 +63,7 @@ class MoEConfig:
     combine: str = MISSING
     dispatch: str = MISSING
     scale_hidden: bool = MISSING
+    gate: str = MISSING
 
     @property
     def enabled(self) -> bool:
@@ -221,6 +223,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
                  f"moe.loss_weight={moe.loss_weight} (λ) must be a finite number >= 0.")
         _check_choice("moe.combine", moe.combine, COMBINES)
         _check_choice("moe.dispatch", moe.dispatch, DISPATCHES)
+        _check_choice("moe.gate", moe.gate, GATES)
     _require(len(typed.seeds) > 0, "seeds is empty; give at least one, e.g. seeds=[0,1,2].")
     _require(len(set(typed.seeds)) == len(typed.seeds), f"seeds={typed.seeds} has duplicates.")
     _require(all(0 <= s < 2**32 for s in typed.seeds),
@@ -257,8 +260,9 @@ def describe(cfg: TrainConfig) -> str:
     if not cfg.moe.enabled:
         return cfg.model.backbone
     moe = cfg.moe
+    gate = "" if moe.gate == "top_k" else f" gate={moe.gate}"
     return (f"gmoe-{cfg.model.backbone} n={moe.num_experts} hop2={moe.num_hop2} k={moe.top_k} "
-            f"λ={moe.loss_weight:g}")
+            f"λ={moe.loss_weight:g}{gate}")
 
 
 # Keys that change how a run executes but not what it computes: left out of the group identity.
@@ -275,7 +279,7 @@ def is_execution_key(dotted: str) -> bool:
 # Keys added to the schema after identities were first stored, each with the value that computes
 # what configs without it computed: at that value a key stays out of the identity, so adding a key
 # never orphans the checkpoints of existing runs. Add every new computing key here.
-IDENTITY_NEUTRAL: dict[str, Any] = {}
+IDENTITY_NEUTRAL: dict[str, Any] = {"moe.gate": "top_k"}
 
 
 def execution_override_keys() -> list[str]:

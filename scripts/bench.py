@@ -153,7 +153,7 @@ def model_grid(experts: list[int], tops: list[int],
                 for m in [0 if split == "hop1" else n // 2 for split in splits]:
                     for dispatch in ("sparse", "dense"):
                         grid.append((backbone, HIDDEN, MoEConfig(n, m, k, 1.0, True, "sum",
-                                                                 dispatch, False)))
+                                                                 dispatch, False, "top_k")))
     return grid
 
 
@@ -170,7 +170,7 @@ def hop2_seconds(data: MolDataset) -> float:
 def data_wait_share(data: MolDataset, device: torch.device, max_batches: int) -> dict[str, float]:
     """One training pass of plain GCN (batch 32) with the real loader: time waiting for batches."""
     model = build_model(ModelConfig("gcn", LAYERS, HIDDEN, 0.5, False, "mean"),
-                        MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", False), 1).to(device)
+                        MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", False, "top_k"), 1).to(device)
     optimizer = build_optimizer(model, 1e-3)
     loader = DataLoader(data.graphs[data.split["train"]], batch_size=32, shuffle=True)
     wait = 0.0
@@ -278,7 +278,7 @@ def main() -> None:
             fixed = batches(data, batch_size, args.batches, device)
             for backbone, hidden, moe in full if i == 0 else core:
                 torch.manual_seed(0)
-                moe_cfg = moe or MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", False)
+                moe_cfg = moe or MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", False, "top_k")
                 model = build_model(ModelConfig(backbone, LAYERS, hidden, 0.5, False, "mean"),
                                     moe_cfg, 1).to(device)
                 timing = time_model(model, fixed, device, args.warmup, args.repeats)

@@ -42,11 +42,12 @@ from gmoe_bench.engine.run import build_optimizer
 from gmoe_bench.model import build_model
 from gmoe_bench.records import code_commit, hardware
 
-PLAIN = MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True)
+PLAIN = MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True, "top_k")
 MODELS: dict[str, tuple[ModelConfig, MoEConfig]] = {
     "GCN (hidden 300)": (ModelConfig("gcn", 5, 300, 0.5, False, "mean"), PLAIN),
-    "GMoE-GCN n=8 all hop-2 k=4 (hidden 150)": (ModelConfig("gcn", 5, 300, 0.5, False, "mean"),
-                                                MoEConfig(8, 8, 4, 1.0, True, "sum", "sparse", True)),
+    "GMoE-GCN n=8 all hop-2 k=4 (hidden 150)": (
+        ModelConfig("gcn", 5, 300, 0.5, False, "mean"),
+        MoEConfig(8, 8, 4, 1.0, True, "sum", "sparse", True, "top_k")),
 }
 SEEDS, EPOCHS = 10, 100  # the paper's row
 

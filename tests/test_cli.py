@@ -112,3 +112,18 @@ def test_real_molbbbp_gcn_two_seeds(tmp_path: Path) -> None:
     assert len(summary["seeds"]) == 2
     assert 0.5 < summary["aggregate"]["test_mean"] < 1.0
     assert sum(len(s["epochs"]) for s in summary["seeds"]) == 4
+
+
+@pytest.mark.parametrize("gate", ["dense", "expert_choice", "random"])
+def test_every_gate_trains_and_reports_its_routing(small_mirror: Path, tmp_path: Path,
+                                                  gate: str) -> None:
+    proc = run_cli("moe=gmoe", "moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2",
+                   f"moe.gate={gate}", "seeds=[0]", "trainer.epochs=1", "logger=none",
+                   cwd=tmp_path, mirror=small_mirror, data_root=tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    summary = load_summary(tmp_path)
+    assert summary["model"] == f"gmoe-gcn n=4 hop2=2 k=2 λ=1 gate={gate}"
+    epoch = summary["seeds"][0]["epochs"][-1]
+    for layer in epoch["routing"]:
+        assert sum(layer) == pytest.approx(1.0, abs=1e-4) and min(layer) > 0
+    assert math.isfinite(epoch["train_loss"]) and 0.0 <= summary["seeds"][0]["test"] <= 1.0

@@ -71,6 +71,17 @@ def test_identities_of_existing_runs_do_not_change(overrides: tuple[str, ...], i
 
 def test_a_new_key_at_its_neutral_value_keeps_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     config = OmegaConf.to_container(composed(), resolve=True)
-    monkeypatch.setitem(IDENTITY_NEUTRAL, "moe.gate", "noisy_top_k")
-    assert config_identity({**config, "moe": {**config["moe"], "gate": "noisy_top_k"}}) == "e63e5632"
-    assert config_identity({**config, "moe": {**config["moe"], "gate": "expert_choice"}}) != "e63e5632"
+    monkeypatch.setitem(IDENTITY_NEUTRAL, "moe.capacity_factor", 1.0)
+    assert config_identity({**config, "moe": {**config["moe"], "capacity_factor": 1.0}}) == "e63e5632"
+    assert config_identity({**config, "moe": {**config["moe"], "capacity_factor": 2.0}}) != "e63e5632"
+
+
+def test_gate_is_a_checked_choice_and_part_of_the_identity() -> None:
+    with pytest.raises(ConfigError, match=r"moe\.gate='softmax' is not one of top_k, dense, "
+                                          r"expert_choice, random"):
+        validate(composed("moe=gmoe", "moe.gate=softmax"))
+    assert validate(composed("moe=gmoe", "moe.gate=expert_choice")).moe.gate == "expert_choice"
+    top_k, choice = (OmegaConf.to_container(composed("moe=gmoe", f"moe.gate={g}"), resolve=True)
+                     for g in ("top_k", "expert_choice"))
+    without = {**top_k, "moe": {k: v for k, v in top_k["moe"].items() if k != "gate"}}
+    assert config_identity(top_k) == config_identity(without) != config_identity(choice)

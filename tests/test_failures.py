@@ -362,7 +362,7 @@ def test_unusable_seed_files_are_set_aside_and_the_seed_reruns(local_copy: Path,
     # a checkpoint of another architecture in the folder: set aside, the seed starts over
     result.unlink()
     other = build_model(ModelConfig("gin", 2, 8, 0.5, False, "mean"),
-                        MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True), 1)
+                        MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True, "top_k"), 1)
     torch.save({"model": other.state_dict(), "optimizer": {}, "rng": {}, "records": [],
                 "wall_seconds": 0.0}, result.with_name("seed_0.pt"))
     train(compose_run(tmp_path, local_copy.parent), tmp_path)

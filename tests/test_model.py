@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -10,11 +11,11 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.utils import degree
 
-from gmoe_bench.config import ModelConfig, MoEConfig, expert_hidden_dim
+from gmoe_bench.config import GATES, ModelConfig, MoEConfig, expert_hidden_dim
 from gmoe_bench.data.hop2 import two_hop_edges
 from gmoe_bench.model import build_model
 from gmoe_bench.model.conv import OGBGCNConv, OGBGINConv
-from gmoe_bench.model.gate import NoisyTopKGate, cv_squared
+from gmoe_bench.model.gate import NoisyTopKGate, build_gate, cv_squared
 from gmoe_bench.model.moe import GMoELayer, HopGraph
 from tests.test_hop2 import graph
 
@@ -32,9 +33,10 @@ def hops(b: Batch) -> tuple[HopGraph, HopGraph]:
     return hop1, HopGraph(index2, attr2, degree(index2[0], n) + 1)
 
 
-def moe_cfg(n: int, m: int, k: int, dispatch: str = "sparse", combine: str = "sum") -> MoEConfig:
+def moe_cfg(n: int, m: int, k: int, dispatch: str = "sparse", combine: str = "sum",
+            gate: str = "top_k") -> MoEConfig:
     return MoEConfig(num_experts=n, num_hop2=m, top_k=k, loss_weight=1.0, noisy_gating=True,
-                     combine=combine, dispatch=dispatch, scale_hidden=True)
+                     combine=combine, dispatch=dispatch, scale_hidden=True, gate=gate)
 
 
 def model_cfg(backbone: str = "gcn", hidden: int = 32, virtual_node: bool = False) -> ModelConfig:
@@ -148,16 +150,49 @@ def test_gate_is_sparse_normalised_and_noise_free_in_eval() -> None:
     torch.nn.init.normal_(gate.w_noise)
     x = torch.randn(50, 16)
     gate.train()
-    gates = gate(x).dense_gates(6)
+    gates = gate(x).dense_gates(50, 6)
     assert ((gates > 0).sum(1) == 2).all()
     torch.testing.assert_close(gates.sum(1), torch.ones(50))
-    assert not torch.equal(gate(x).top_weight, gate(x).top_weight)  # noisy in training
+    assert not torch.equal(gate(x).weight, gate(x).weight)  # noisy in training
     gate.eval()
     first, second = gate(x), gate(x)
-    assert torch.equal(first.top_weight, second.top_weight)
-    assert torch.equal(first.top_index, (x @ gate.w_gate).topk(2, dim=1).indices)
-    torch.testing.assert_close(first.load, torch.bincount(first.top_index.flatten(),
-                                                          minlength=6).float())
+    assert torch.equal(first.weight, second.weight)
+    assert torch.equal(first.expert.view(50, 2), (x @ gate.w_gate).topk(2, dim=1).indices)
+    torch.testing.assert_close(first.load, torch.bincount(first.expert, minlength=6).float())
+
+
+@pytest.mark.parametrize("kind", GATES)
+def test_every_gate_is_sparse_as_stated_normalised_and_noise_free_in_eval(kind: str) -> None:
+    torch.manual_seed(0)
+    num_nodes, n, k = 50, 6, 2
+    gate = build_gate(kind, 16, num_experts=n, top_k=k, noisy=True)
+    for weight in (getattr(gate, "w_gate", None), getattr(gate, "w_noise", None)):
+        if weight is not None:
+            torch.nn.init.normal_(weight)
+    x = torch.randn(num_nodes, 16)
+    gate.train()
+    routing = gate(x)
+    assert torch.equal(routing.node, routing.node.sort().values)  # node-major, as dispatch needs
+    gates = routing.dense_gates(num_nodes, n)
+    per_node, per_expert = (gates > 0).sum(1), torch.bincount(routing.expert, minlength=n)
+    if kind == "expert_choice":  # every expert takes ⌈kN/n⌉ nodes; a node gets 0..n experts
+        assert (per_expert == math.ceil(k * num_nodes / n)).all()
+        assert per_node.min() < k < per_node.max()
+    else:
+        assert (per_node == (n if kind == "dense" else k)).all()
+        torch.testing.assert_close(gates.sum(1), torch.ones(num_nodes))
+    torch.testing.assert_close(routing.importance, gates.sum(0))
+    if kind == "random":
+        assert (routing.weight == 1 / k).all()
+        assert torch.equal(gate(x).expert, routing.expert)  # frozen: no noise in training either
+    else:
+        assert not torch.equal(gate(x).weight, routing.weight)  # noisy in training
+    gate.eval()
+    first, second = gate(x), gate(x)
+    assert torch.equal(first.expert, second.expert) and torch.equal(first.weight, second.weight)
+    if kind in ("dense", "expert_choice"):  # the weights are softmax probabilities of clean logits
+        probs = torch.softmax(x @ gate.w_gate, dim=1)
+        torch.testing.assert_close(first.weight, probs[first.node, first.expert])
 
 
 def test_cv_squared() -> None:
@@ -181,12 +216,16 @@ def test_load_estimator_trains_both_gate_weights() -> None:
     assert gate.w_noise.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("backbone", ["gcn", "gin"])
 @pytest.mark.parametrize(("n", "m", "k"), [(4, 0, 1), (4, 2, 2), (4, 4, 4), (6, 3, 2), (1, 1, 1)])
-def test_dispatch_equals_dense_reference_in_eval(backbone: str, n: int, m: int, k: int) -> None:
+def test_dispatch_equals_dense_reference_in_eval(backbone: str, n: int, m: int, k: int,
+                                                 gate: str) -> None:
+    """Grouped experts over the gate's (node, expert) pairs, any number per node (expert choice
+    gives some nodes none, others several), equal every expert on every node weighted by the gate."""
     torch.manual_seed(0)
     b = batch()
-    sparse = build_model(model_cfg(backbone), moe_cfg(n, m, k, "sparse"), num_tasks=1)
+    sparse = build_model(model_cfg(backbone), moe_cfg(n, m, k, "sparse", gate=gate), num_tasks=1)
     for module in sparse.modules():  # non-trivial routing and BatchNorm statistics
         if isinstance(module, NoisyTopKGate):
             torch.nn.init.normal_(module.w_gate)
@@ -273,7 +312,7 @@ def test_pooling_reads_out_each_graph(pooling: str) -> None:
     torch.manual_seed(0)
     b = batch()
     plain = MoEConfig(num_experts=0, num_hop2=0, top_k=1, loss_weight=0.0, noisy_gating=False,
-                      combine="sum", dispatch="sparse", scale_hidden=False)
+                      combine="sum", dispatch="sparse", scale_hidden=False, gate="top_k")
     config = ModelConfig(backbone="gin", num_layers=3, hidden_dim=16, dropout=0.5,
                          virtual_node=False, pooling=pooling)
     model = build_model(config, plain, num_tasks=2).eval()  # eval: no dropout after the last layer
@@ -285,3 +324,31 @@ def test_pooling_reads_out_each_graph(pooling: str) -> None:
               "max": lambda h: h.max(0).values}[pooling]
     expected = torch.stack([reduce(seen["atoms"][b.batch == g]) for g in range(b.num_graphs)])
     torch.testing.assert_close(seen["pooled"], expected)
+
+
+@pytest.mark.parametrize("backbone", ["gcn", "gin"])
+def test_grouped_batch_norm_is_stable_for_a_lopsided_split(backbone: str) -> None:
+    """Three nodes on one expert, the rest on another, features far from zero: each expert's
+    BatchNorm statistics over its own rows, finite, as nn.BatchNorm1d computes them."""
+    torch.manual_seed(0)
+    b = Batch.from_data_list([graph(s) for s in SMILES * 20])
+    layer, x, _ = routed_layer(backbone, 1, b.num_nodes)
+    expert = torch.full((b.num_nodes,), 2)
+    expert[:3] = 0
+    with torch.no_grad():
+        x[:, :3] = 0.0
+        x[torch.arange(b.num_nodes), expert] = 5.0
+        x[:, 3:] += 300.0
+    layer.train()
+    reference = copy.deepcopy(layer)
+    out, _ = layer(x, *hops(b))
+    assert torch.isfinite(out).all()
+    if backbone == "gin":  # its MLP's own BatchNorm would need the routed subgraph: see above
+        return
+    for e, nodes in ((0, torch.arange(3)), (2, torch.arange(3, b.num_nodes))):
+        g = hops(b)[0]
+        conv, norm = reference.convs[e], reference.norms[e]
+        full = norm(conv(x, g.edge_index, g.edge_attr, g.deg, b.num_nodes)[nodes])
+        torch.testing.assert_close(out[nodes], full, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer.norms[e].running_var, norm.running_var, rtol=1e-4,
+                                   atol=1e-4)

@@ -76,7 +76,7 @@ def test_single_atom_graphs_are_scored_and_one_graph_batches_skipped(small_mirro
     assert single  # methane
     graphs = data.graphs[torch.tensor([*single, 0, 1, 2])]
     model = build_model(ModelConfig("gin", 2, 16, 0.5, False, "mean"),
-                        MoEConfig(4, 2, 2, 1.0, True, "sum", "sparse", True), 1)
+                        MoEConfig(4, 2, 2, 1.0, True, "sum", "sparse", True, "top_k"), 1)
     seen = []
 
     class CountingEvaluator(Evaluator):
@@ -94,7 +94,7 @@ def test_single_atom_graphs_are_scored_and_one_graph_batches_skipped(small_mirro
     # as OGB: a last training batch of one graph is skipped (BatchNorm over graphs, e.g. the
     # virtual node's, cannot normalise one value), the others train
     virtual = build_model(ModelConfig("gcn", 2, 16, 0.5, True, "mean"),
-                         MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True), 1)
+                         MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True, "top_k"), 1)
     stats = train_epoch(virtual, DataLoader(graphs, batch_size=len(graphs) - 1),
                         torch.optim.Adam(virtual.parameters()), torch.device("cpu"),
                         "binary classification", 0.0, progress=False)

@@ -35,6 +35,7 @@ from gmoe_bench.data.ogb import MolDataset, load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.errors import UserError, describe_error
 from gmoe_bench.model import MolGNN, build_model
+from gmoe_bench.model.gate import Routing
 from gmoe_bench.model.moe import GMoELayer
 from gmoe_bench.reports.cli import dirs_exist, out_is_folder
 from gmoe_bench.reports.table import ConfigResult, collect
@@ -94,8 +95,8 @@ def routing_counts(model: MolGNN, loader: DataLoader, device: torch.device) -> d
     num_experts = layers[0].num_experts
     counts = {p.name: np.zeros((len(layers), len(p.classes), num_experts), dtype=np.int64)
               for p in PROPERTIES}
-    chosen: list[Tensor] = []
-    hooks = [layer.gate.register_forward_hook(lambda _m, _i, out: chosen.append(out.top_index))
+    chosen: list[Routing] = []
+    hooks = [layer.gate.register_forward_hook(lambda _m, _i, out: chosen.append(out))
              for layer in layers]
     model.eval()
     try:
@@ -106,9 +107,8 @@ def routing_counts(model: MolGNN, loader: DataLoader, device: torch.device) -> d
             bonds = degree(batch.edge_index[0], batch.num_nodes)
             for prop in PROPERTIES:
                 cls = prop.classify(batch.x, bonds)  # [N]
-                for layer, top_index in enumerate(chosen):  # top_index: [N, k]
-                    k = top_index.size(1)
-                    flat = cls.repeat_interleave(k) * num_experts + top_index.flatten()
+                for layer, routing in enumerate(chosen):  # (node, expert) pairs
+                    flat = cls[routing.node] * num_experts + routing.expert
                     tally = torch.bincount(flat, minlength=len(prop.classes) * num_experts)
                     counts[prop.name][layer] += tally.view(len(prop.classes), -1).cpu().numpy()
     finally:

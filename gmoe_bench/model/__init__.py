@@ -17,7 +17,7 @@ def build_model(model: ModelConfig, moe: MoEConfig, num_tasks: int) -> MolGNN:
     layers: list[nn.Module]
     if moe.enabled:
         layers = [GMoELayer(model.backbone, emb_dim, moe.num_experts, moe.num_hop2, moe.top_k,
-                            moe.noisy_gating, moe.combine, moe.dispatch)
+                            moe.noisy_gating, moe.combine, moe.dispatch, moe.gate)
                   for _ in range(model.num_layers)]
     else:
         layers = [BackboneLayer(model.backbone, emb_dim) for _ in range(model.num_layers)]

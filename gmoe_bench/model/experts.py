@@ -58,14 +58,21 @@ def slots_of(expert: Tensor, node: Tensor, num_experts: int, num_nodes: int) -> 
     return ExpertSlots(node, expert, expert * width + rank, counts, width)
 
 
-def edge_pairs(edge_index: Tensor, targets: ExpertSlots, top_k: int, experts: range) -> EdgePairs:
-    """The edges into each pair's node, for the pairs whose expert is in ``experts``."""
+def edge_pairs(edge_index: Tensor, targets: ExpertSlots, experts: range,
+               num_nodes: int) -> EdgePairs:
+    """The edges into each pair's node, for the pairs whose expert is in ``experts``; the pairs
+    must be sorted by node (any number per node)."""
     src, dst = edge_index
-    pair = (dst[:, None] * top_k + torch.arange(top_k, device=dst.device)).flatten()  # [E·k]
+    per_node = torch.bincount(targets.node, minlength=num_nodes)  # [N]
+    first = torch.cumsum(per_node, 0) - per_node  # first pair of each node
+    per_edge = per_node[dst]  # [E]: one copy of the edge per pair of its target
+    edge = torch.arange(src.numel(), device=src.device).repeat_interleave(per_edge)
+    offset = torch.arange(edge.numel(), device=src.device) - (torch.cumsum(per_edge, 0)
+                                                              - per_edge)[edge]
+    pair = first[dst[edge]] + offset  # [E·pairs per target]
     expert = targets.expert[pair]
     keep = (expert >= experts.start) & (expert < experts.stop)
-    pair = pair[keep]
-    edge = torch.arange(src.numel(), device=src.device).repeat_interleave(top_k)[keep]
+    pair, edge = pair[keep], edge[keep]
     return EdgePairs(edge, expert[keep], src[edge], dst[edge], targets.row[pair])
 
 
@@ -81,15 +88,14 @@ def grouped_linear(x: Tensor, slots: ExpertSlots, linears: Sequence[nn.Linear]) 
     return out.view(-1, weight.size(1))
 
 
-def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNorm1d],
-                       padding: Tensor | None) -> Tensor:
+def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNorm1d]) -> Tensor:
     """Each expert's BatchNorm over its own rows (padding excluded), as ``nn.BatchNorm1d`` would.
 
     In training an expert with at least two rows normalises with their statistics and updates
     its running statistics; an expert with fewer (a single node has no variance) uses its running
-    statistics and leaves them, as in evaluation. ``padding`` (broadcast to [n, C]) is the value every
-    padding row of an expert holds, when known: the statistics then subtract its share instead of
-    masking the rows out (two passes fewer over the layout).
+    statistics and leaves them, as in evaluation. Padding rows are masked out of the statistics
+    (subtracting their known share instead cancels catastrophically when an expert holds a few
+    rows of a wide layout: a negative variance, then NaN).
     """
     n, width = slots.counts.numel(), slots.width
     rows = _rows(x, slots)  # [n, width, C]
@@ -99,16 +105,10 @@ def grouped_batch_norm(x: Tensor, slots: ExpertSlots, norms: Sequence[nn.BatchNo
     training = norms[0].training
     if training:
         count = slots.counts.clamp(min=1)[:, None].to(x.dtype)  # [n, 1]
-        if padding is None:
-            present = (torch.arange(width, device=x.device) < slots.counts[:, None])[..., None]
-            batch_mean = torch.where(present, rows, 0.0).sum(1) / count
-            centred = torch.where(present, rows - batch_mean[:, None], 0.0)
-            batch_var = centred.square().sum(1) / count
-        else:
-            num_padding = (width - slots.counts)[:, None].to(x.dtype)
-            batch_mean = (rows.sum(1) - num_padding * padding) / count
-            squares = (rows - batch_mean[:, None]).square().sum(1)
-            batch_var = (squares - num_padding * (padding - batch_mean).square()) / count
+        present = (torch.arange(width, device=x.device) < slots.counts[:, None])[..., None]
+        batch_mean = torch.where(present, rows, 0.0).sum(1) / count
+        centred = torch.where(present, rows - batch_mean[:, None], 0.0)
+        batch_var = centred.square().sum(1) / count
         use_batch = (slots.counts >= 2)[:, None]
         mean = torch.where(use_batch, batch_mean, running_mean)
         var = torch.where(use_batch, batch_var, running_var)
@@ -244,7 +244,6 @@ def grouped_gin(x: Tensor, targets: ExpertSlots, hops: list[HopPairs],
         bond = grouped_bond_embedding(hop.edge_attr, hop.pairs, hop.first_expert, hop.encoders)
         z = z.index_add(0, hop.pairs.row, F.relu(x.index_select(0, hop.pairs.src) + bond))
     first = [conv.mlp[0] for conv in convs]
-    h = grouped_linear(z, targets, first)  # padding rows: W·0 + b
-    padding = torch.stack([linear.bias for linear in first])
-    h = F.relu(grouped_batch_norm(h, targets, [conv.mlp[1] for conv in convs], padding))
+    h = grouped_linear(z, targets, first)
+    h = F.relu(grouped_batch_norm(h, targets, [conv.mlp[1] for conv in convs]))
     return grouped_linear(h, targets, [conv.mlp[3] for conv in convs])

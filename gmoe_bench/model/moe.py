@@ -1,4 +1,4 @@
-"""The GMoE layer: n GCN/GIN experts over 1-hop and 2-hop neighbourhoods behind a noisy top-k gate."""
+"""The GMoE layer: n GCN/GIN experts over 1-hop and 2-hop neighbourhoods behind a gate (noisy top-k)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from gmoe_bench.model.experts import (
     grouped_gin,
     slots_of,
 )
-from gmoe_bench.model.gate import NoisyTopKGate, Routing, cv_squared
+from gmoe_bench.model.gate import Routing, build_gate, cv_squared
 
 
 class HopGraph(NamedTuple):
@@ -56,7 +56,7 @@ class GMoELayer(nn.Module):
     """
 
     def __init__(self, backbone: str, emb_dim: int, num_experts: int, num_hop2: int, top_k: int,
-                 noisy_gating: bool, combine: str, dispatch: str) -> None:
+                 noisy_gating: bool, combine: str, dispatch: str, gate: str = "top_k") -> None:
         super().__init__()
         self.num_experts = num_experts
         self.num_hop1 = num_experts - num_hop2
@@ -66,7 +66,7 @@ class GMoELayer(nn.Module):
         self.convs = nn.ModuleList(conv(emb_dim, hops=1 if e < self.num_hop1 else 2)
                                    for e in range(num_experts))
         self.norms = nn.ModuleList(nn.BatchNorm1d(emb_dim) for _ in range(num_experts))
-        self.gate = NoisyTopKGate(emb_dim, num_experts, top_k, noisy_gating)
+        self.gate = build_gate(gate, emb_dim, num_experts, top_k, noisy_gating)
 
     def reset_parameters(self) -> None:
         for conv, norm in zip(self.convs, self.norms, strict=True):
@@ -80,7 +80,7 @@ class GMoELayer(nn.Module):
         out = run(x, routing, hop1, hop2)
         if self.combine == "mean":
             out = out / self.num_experts
-        counts = torch.bincount(routing.top_index.flatten(), minlength=self.num_experts)
+        counts = torch.bincount(routing.expert, minlength=self.num_experts)
         return out, LayerStats(cv_squared(routing.importance), cv_squared(routing.load), counts)
 
     def _graph(self, expert: int, hop1: HopGraph, hop2: HopGraph | None) -> HopGraph:
@@ -90,7 +90,7 @@ class GMoELayer(nn.Module):
         return hop2
 
     def _dense(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None) -> Tensor:
-        gates = routing.dense_gates(self.num_experts)  # [N, n]
+        gates = routing.dense_gates(x.size(0), self.num_experts)  # [N, n]
         out = torch.zeros_like(x)
         for e, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
             g = self._graph(e, hop1, hop2)
@@ -99,9 +99,8 @@ class GMoELayer(nn.Module):
         return out
 
     def _sparse(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None) -> Tensor:
-        num_nodes, k = routing.top_index.shape
-        node = torch.arange(num_nodes, device=x.device).repeat_interleave(k)
-        targets = slots_of(routing.top_index.flatten(), node, self.num_experts, num_nodes)
+        num_nodes, node = x.size(0), routing.node
+        targets = slots_of(routing.expert, node, self.num_experts, num_nodes)
         hops: list[HopPairs] = []
         deg = x.new_empty(node.numel())
         for experts, graph in ((range(0, self.num_hop1), hop1),
@@ -109,18 +108,18 @@ class GMoELayer(nn.Module):
             if not len(experts):
                 continue
             assert graph is not None, "hop-2 experts need the hop-2 graph"
-            pairs = edge_pairs(graph.edge_index, targets, k, experts)
+            pairs = edge_pairs(graph.edge_index, targets, experts, num_nodes)
             hops.append(HopPairs(pairs, graph.edge_attr, graph.deg, experts.start,
                                  [self.convs[e].bond_encoder for e in experts]))
             mine = (targets.expert >= experts.start) & (targets.expert < experts.stop)
             deg = torch.where(mine, graph.deg[node], deg)
         if isinstance(self.convs[0], OGBGCNConv):
-            # with k ≥ n/2 nearly every node sends to every expert: one product for all is cheaper
+            # with k ≥ n/2 experts per node nearly every node sends to every expert: one product
+            # for all is cheaper
             y = grouped_gcn(x, targets, hops, deg, self.convs,
-                            every_source=2 * k >= self.num_experts)
-            y = grouped_batch_norm(y, targets, self.norms, padding=x.new_zeros(()))
+                            every_source=2 * node.numel() >= self.num_experts * num_nodes)
         else:
-            y = grouped_batch_norm(grouped_gin(x, targets, hops, self.convs), targets, self.norms,
-                                   padding=None)  # [n * width, D]
-        weighted = routing.top_weight.flatten()[:, None] * y.index_select(0, targets.row)
+            y = grouped_gin(x, targets, hops, self.convs)
+        y = grouped_batch_norm(y, targets, self.norms)  # [n * width, D]
+        weighted = routing.weight[:, None] * y.index_select(0, targets.row)
         return torch.zeros_like(x).index_add(0, node, weighted)
