@@ -139,3 +139,11 @@ def test_a_foreign_digest_is_skipped_with_its_name(tmp_path: Path,
     (tmp_path / "digest.json").write_text('[{"label": "x"}]')
     assert collect([tmp_path / "digest.json"]) == []
     assert f"Skipping {tmp_path / 'digest.json'}: not a readable gmoe-report digest.json" in caplog.text
+
+
+def test_rows_differing_in_the_gate_are_named_by_it() -> None:
+    from gmoe_bench.reports.table import _name_rows
+
+    rows = [result("gcn", {**GMOE, "gate": gate}, [0.7]) for gate in ("top_k", "expert_choice")]
+    _name_rows(rows)
+    assert [r.label for r in rows] == ["gate=top_k", "gate=expert_choice"]

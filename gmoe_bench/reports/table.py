@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # How config keys are written in row names; keys not listed appear in full.
 SHORT_NAMES = {"model.backbone": "", "moe.num_experts": "n", "moe.num_hop2": "hop2", "moe.top_k": "k",
                "moe.loss_weight": "λ", "moe.dispatch": "dispatch", "moe.combine": "combine",
-               "width": "width", "dataset.drop_node_p": "drop"}
+               "width": "width", "dataset.drop_node_p": "drop", "moe.gate": "gate"}
 # Keys that never name a row: execution details, and the dataset (it is the column).
 IGNORED_PREFIXES = (*EXECUTION_KEYS, "dataset.name")
 # What a GMoE row may differ in from its backbone's row and still be compared with it: everything
