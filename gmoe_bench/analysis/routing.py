@@ -288,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the chosen split without gate noise, and write routing_structure.md/.json, "
                     "routing_structure.png (Cramér's V per layer) and routing_classes.png.")
     parser.add_argument("dirs", nargs="+", type=Path,
-                        help="run or sweep folders (searched recursively), or a digest.json of an "
-                             "earlier report (rebuilds it without the run folders)")
+                        help="run or sweep folders (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     parser.add_argument("--split", choices=("train", "valid", "test"), default="test")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
