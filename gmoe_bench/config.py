@@ -1,69 +1,129 @@
-"""Typed schema of the composed Hydra config, and its validation.
+"""The typed config of gmoe-train: one schema with its defaults, registered with Hydra.
 
-The YAML files under ``gmoe_bench/configs/`` (:data:`CONFIG_DIR`) hold every value; the dataclasses
-below only name the keys and their types (no defaults: a key the YAML does not set is an error, not
-a silent default).
-:func:`validate` merges the composed config into the schema, so an unknown key, a wrong type or an
-out-of-range value is one clear :class:`~gmoe_bench.errors.ConfigError` before any data is touched.
+The dataclasses below name every key, its type and its default (OGB's protocol); choices are Enums and
+each key's bounds are declared beside it (:func:`key`). ``gmoe_bench/configs/train.yaml`` composes the
+config groups and presets under :data:`CONFIG_DIR` onto this schema, so Hydra itself rejects an unknown
+key, a wrong type or a choice that does not exist; :func:`config_error` says such a rejection in one
+sentence with its fix. :func:`validate` checks the bounds and returns the typed config, which the code
+uses, summary.json stores (:func:`as_dict`) and :func:`config_identity` hashes.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Mapping
+from dataclasses import Field, asdict, dataclass, field, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from gmoe_bench.errors import ConfigError
 from gmoe_bench.records import flatten
 
 # Shipped inside the package, so a wheel or a non-editable install finds them too.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+SCHEMA_NAME = "gmoe_schema"  # the first entry of train.yaml's defaults
 
-BACKBONES = ("gcn", "gin")
-POOLINGS = ("mean", "sum", "max")
-COMBINES = ("sum", "mean")
-DISPATCHES = ("sparse", "dense")
-GATES = ("top_k", "dense", "expert_choice", "random")  # gmoe_bench/model/gate.py
-WANDB_MODES = ("offline", "online", "disabled")
+
+class Choice(str, Enum):
+    """A choice of a config key: each member's name is its value, the string YAML and the command
+    line give (``model.backbone=gin``), and it compares equal to that string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Backbone(Choice):
+    gcn = "gcn"
+    gin = "gin"
+
+
+class Pooling(Choice):
+    mean = "mean"
+    sum = "sum"
+    max = "max"
+
+
+class Combine(Choice):
+    sum = "sum"  # Σ_e g_e·expert_e(x), the paper's formula
+    mean = "mean"  # that sum divided by n, the official code
+
+
+class Dispatch(Choice):
+    sparse = "sparse"  # each expert computes only the nodes routed to it
+    dense = "dense"  # every expert on every node: the official code's reference formulation
+
+
+class Gate(Choice):  # gmoe_bench/model/gate.py
+    top_k = "top_k"
+    dense = "dense"
+    expert_choice = "expert_choice"
+    random = "random"
+
+
+class WandbMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+def key(default: Any, *, ge: float | None = None, gt: float | None = None, lt: float | None = None,
+        execution: bool = False, note: str = "") -> Any:
+    """A schema field: its default, its bounds (``ge <= value``, ``gt < value``, ``value < lt``;
+    :func:`validate` checks them, ``note`` says why) and whether it is an execution detail, which
+    changes how a run executes but not what it computes: left out of the run's identity and of job
+    folder names."""
+    metadata = {"ge": ge, "gt": gt, "lt": lt, "execution": execution, "note": note}
+    if isinstance(default, list | dict) or is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING
-    root: str = MISSING
-    mirror: str | None = MISSING
-    drop_node_p: float = MISSING
+    name: str = "ogbg-molbbbp"  # any OGB molecular dataset (ogbg-mol*); dataset=<name> picks one
+    # where processed datasets live (relative: to the directory gmoe-train is started in)
+    root: str = key("${oc.env:GMOE_DATA_ROOT,data}", execution=True)
+    # a folder of OGB-format dataset folders (as the official zips extract) to copy from
+    mirror: str | None = key("${oc.env:GMOE_DATA_MIRROR,null}", execution=True)
+    # probability of dropping each atom of a training graph per step (graphs under 5 atoms: never)
+    drop_node_p: float = key(0.0, ge=0, lt=1)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = MISSING
-    num_layers: int = MISSING
-    hidden_dim: int = MISSING
-    dropout: float = MISSING
-    virtual_node: bool = MISSING
-    pooling: str = MISSING
+    backbone: Backbone = Backbone.gcn  # GCN or GIN in OGB's formulation
+    num_layers: int = key(5, ge=2, note="OGB's GNN")
+    hidden_dim: int = key(300, ge=1)
+    dropout: float = key(0.5, ge=0, lt=1)
+    virtual_node: bool = False
+    pooling: Pooling = Pooling.mean
 
 
 @dataclass
 class MoEConfig:
-    num_experts: int = MISSING
-    num_hop2: int = MISSING
-    top_k: int = MISSING
-    loss_weight: float = MISSING
-    noisy_gating: bool = MISSING
-    combine: str = MISSING
-    dispatch: str = MISSING
-    scale_hidden: bool = MISSING
-    gate: str = MISSING
+    # n experts per layer; experts n-num_hop2..n-1 aggregate over 2-hop paths (the paper's m is n-num_hop2)
+    num_experts: int = key(0, ge=0, note="0 means the plain backbone")
+    num_hop2: int = 0
+    top_k: int = 1
+    # λ: weight of the load-balance loss CV²(importance) + CV²(load), averaged over layers
+    loss_weight: float = key(0.0, ge=0, note="λ")
+    noisy_gating: bool = True  # Shazeer et al. (2017) noise on the gate logits in training
+    combine: Combine = Combine.sum
+    dispatch: Dispatch = Dispatch.sparse
+    scale_hidden: bool = True  # hidden size model.hidden_dim / sqrt(top_k): the FLOPs of the backbone
+    gate: Gate = Gate.top_k
 
     @property
     def enabled(self) -> bool:
@@ -72,26 +132,28 @@ class MoEConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    device: str = MISSING
-    num_workers: int = MISSING
-    cpu_threads: int = MISSING
-    checkpoint_dir: str = MISSING
-    resume: bool = MISSING
-    eval_batch_size: int = MISSING
-    progress: bool = MISSING
+    epochs: int = key(100, ge=1)
+    batch_size: int = key(32, ge=1)
+    lr: float = key(1e-3, gt=0)
+    device: str = key("auto", execution=True)  # auto (cuda when available, else cpu), cpu, cuda, cuda:N
+    num_workers: int = key(0, ge=0, execution=True)
+    # torch threads of this job; 0: its share of the cores it may use
+    cpu_threads: int = key(0, ge=0, execution=True, note="0: this job's share of the cores")
+    # per-seed checkpoints, keyed by dataset and config: re-running a command resumes it
+    checkpoint_dir: str = key("${oc.env:GMOE_CHECKPOINT_DIR,checkpoints}", execution=True)
+    resume: bool = key(True, execution=True)  # false: ignore existing checkpoints and results
+    eval_batch_size: int = key(256, ge=1, execution=True)
+    progress: bool = key(True, execution=True)  # tqdm bars (silent anyway when not on a terminal)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = MISSING
-    project: str = MISSING
-    entity: str | None = MISSING
+    mode: WandbMode = WandbMode.offline  # offline: to disk (`wandb sync` uploads later); online; disabled
+    project: str = "gmoe-bench"
+    entity: str | None = None
     tags: list[str] = field(default_factory=list)
-    name: str | None = MISSING
-    timeout: float = MISSING
+    name: str | None = None  # null: built from the config (dataset, model, experts, seed)
+    timeout: float = key(15.0, gt=0, note="seconds W&B may wait for its server")
 
 
 @dataclass
@@ -105,141 +167,151 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seeds: list[int] = field(default_factory=list)
+    logger: LoggerConfig = key(LoggerConfig(), execution=True)
+    seeds: list[int] = key([0, 1, 2], execution=True)  # run one after another in this job
 
 
-_SCHEMA_TREE = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
 
 
-def _float_keys(schema: type, prefix: str = "") -> set[str]:
+def schema_keys(schema: type = TrainConfig, prefix: str = "") -> dict[str, tuple[Any, Field]]:
+    """Every key of ``schema``, dotted (e.g. 'moe.top_k'), with its type and its dataclass field;
+    a nested config's own key (e.g. 'moe') comes before the keys under it."""
     hints = get_type_hints(schema)
-    keys: set[str] = set()
+    keys: dict[str, tuple[Any, Field]] = {}
     for f in fields(schema):
-        kind = hints[f.name]
-        if is_dataclass(kind):
-            keys |= _float_keys(kind, f"{prefix}{f.name}.")
-        elif kind is float:
-            keys.add(prefix + f.name)
+        keys[prefix + f.name] = hints[f.name], f
+        if is_dataclass(hints[f.name]):
+            keys |= schema_keys(hints[f.name], f"{prefix}{f.name}.")
     return keys
 
 
-_FLOAT_KEYS = _float_keys(TrainConfig)
-
-
 def valid_keys() -> list[str]:
-    """Every config key of the schema, dotted (e.g. 'moe.top_k')."""
-    return list(flatten(_SCHEMA_TREE))
+    """Every value key of the schema, dotted (e.g. 'moe.top_k')."""
+    return [k for k, (kind, _) in schema_keys().items() if not is_dataclass(kind)]
 
 
-def check_override_keys(overrides: list[str], groups: dict[str, list[str]]) -> None:
-    """Reject command-line overrides Hydra cannot parse, of keys that do not exist, or choosing a
-    config group option that does not exist, each with the fix (Hydra would exit 1 with its own
-    message, e.g. suggest '+key=value', which only moves the error on).
+# Keys that change how a run executes but not what it computes (key(..., execution=True)).
+EXECUTION_KEYS = tuple(k for k, (_, f) in schema_keys().items() if f.metadata.get("execution"))
 
-    ``groups`` maps each config group to its options (``+experiment=...`` is checked too). Other
-    additions (``+key``), deletions and Hydra's own keys pass.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
-    parser = OverridesParser.create()
-    for override in overrides:
-        try:
-            parser.parse_overrides([override])
-        except HydraException as err:
-            # Hydra's message: "Error parsing override '...'", the problem, "See <docs>".
-            problem = " ".join(line.strip() for line in str(err).splitlines() if line.strip()
-                               and not line.startswith(("Error parsing override", "See ")))
-            raise ConfigError(f"Cannot parse the override '{override}': {problem}; see "
-                              "https://hydra.cc/docs/advanced/override_grammar/basic/ (values with "
-                              "brackets or commas need quotes in the shell, e.g. 'seeds=[0,1]')."
-                              ) from None
-    parsed = parser.parse_overrides(overrides)
-    known = set(valid_keys())
-    for override in parsed:
-        key = override.key_or_group
-        if override.is_delete() or key.startswith("hydra") or "/" in key:
-            continue
-        if key in groups:
-            values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                      else [override.get_value_element_as_str()])
-            for value in values:
-                if value not in (*groups[key], "null"):
-                    hint = (f" For any other OGB dataset, use dataset.name={value}."
-                            if key == "dataset" else "")
-                    raise ConfigError(f"{key}={value} is not one of the {key} configs "
-                                      f"({', '.join(groups[key])}).{hint}")
-            continue
-        if key in known or override.is_add():
-            continue
-        close = difflib.get_close_matches(key, known, n=1)
+def is_execution_key(dotted: str) -> bool:
+    """Whether a dotted key (e.g. 'logger.wandb.mode') is, or lies under, an EXECUTION_KEYS entry."""
+    return any(dotted == key or dotted.startswith(f"{key}.") for key in EXECUTION_KEYS)
+
+
+def execution_override_keys() -> list[str]:
+    """Every command-line key that is an execution detail (the keys and groups in
+    :data:`EXECUTION_KEYS` and everything under them): Hydra leaves them out of job folder names."""
+    return sorted({*EXECUTION_KEYS, *filter(is_execution_key, valid_keys())})
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group under configs/ and its options (e.g. 'dataset' -> ['ogbg-molbbbp', ...])."""
+    return {group.name: sorted(p.stem for p in group.glob("*.yaml"))
+            for group in sorted(Path(CONFIG_DIR).iterdir()) if group.is_dir()}
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def config_error(err: Exception) -> ConfigError:
+    """Hydra's or OmegaConf's rejection of a config (an override it cannot parse, a config group
+    option, key or value that does not exist, a wrong type) as one sentence that names the fix."""
+    if isinstance(err, OverrideParseException):
+        # Hydra's message: the problem, then "See <docs>".
+        problem = " ".join(line.strip() for line in err.message.splitlines()
+                           if line.strip() and not line.startswith("See "))
+        return ConfigError(f"Cannot parse the override '{err.override}': {problem}; see "
+                           "https://hydra.cc/docs/advanced/override_grammar/basic/ (values with "
+                           "brackets or commas need quotes in the shell, e.g. 'seeds=[0,1]').")
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, value = err.missing_cfg_file.strip("/").rpartition("/")
+        hint = f" For any other OGB dataset, use dataset.name={value}." if group == "dataset" else ""
+        return ConfigError(f"{group}={value} is not one of the {group} configs "
+                           f"({', '.join(err.options)}).{hint}")
+    cause = err.__cause__ if isinstance(err, HydraException) else err
+    if not isinstance(cause, OmegaConfBaseException):
+        return ConfigError(" ".join(str(err).split()))
+    where, problem = cause.full_key, str(cause.msg).splitlines()[0]
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError):
+        known = valid_keys()
+        close = difflib.get_close_matches(where, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"Unknown config key '{key}'.{hint} Valid keys are: "
-                          f"{', '.join(sorted(known))}; config groups: {', '.join(groups)}.")
+        return ConfigError(f"Unknown config key '{where}'.{hint} Valid keys are: "
+                           f"{', '.join(known)}; config groups: {', '.join(config_groups())}.")
+    kind = schema_keys().get(where, (None,))[0]
+    if isinstance(kind, type) and issubclass(kind, Choice):
+        return ConfigError(f"{where}={cause.value!r} is not one of {', '.join(kind)}.")
+    if kind in _KINDS:
+        return ConfigError(f"{where}={cause.value!r} is not {_KINDS[kind]}; e.g. "
+                           f"{where}={_defaults(TrainConfig)[where]} (its default).")
+    return ConfigError(f"Invalid config at '{where}': {problem}.")
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+@functools.cache
+def _defaults(schema: type) -> dict[str, Any]:
+    return flatten(as_dict(schema()))
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}.")
+def as_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The typed config as plain values (choices as their strings): summary.json's 'config'."""
+    return asdict(cfg, dict_factory=lambda items: {k: v.value if isinstance(v, Choice) else v
+                                                   for k, v in items})
 
 
-def validate(cfg: DictConfig) -> TrainConfig:
-    """Check the composed config against the schema and the value ranges; return it typed."""
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
-        typed: TrainConfig = OmegaConf.to_object(merged)
+def _bounds(dotted: str, value: Any, f: Field) -> str | None:
+    """Why ``value`` breaks the bounds key() declared for ``f``, or None."""
+    ge, gt, lt, note = (f.metadata.get(k) for k in ("ge", "gt", "lt", "note"))
+    if isinstance(value, float) and not math.isfinite(value):
+        wanted = "a finite number"
+    elif ge is not None and lt is not None:
+        wanted = None if ge <= value < lt else f"in [{ge:g}, {lt:g})"
+    elif ge is not None:
+        wanted = None if value >= ge else f">= {ge:g}"
+    elif gt is not None:
+        wanted = None if value > gt else ("a positive number" if gt == 0 else f"> {gt:g}")
+    else:
+        wanted = None
+    return wanted and f"{dotted}={value} must be {wanted}{f' ({note})' if note else ''}."
+
+
+def validate(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
+    """The config as the typed schema, its bounds checked; a config stored before a key existed
+    gets that key's default. Raises one clear :class:`~gmoe_bench.errors.ConfigError`."""
+    try:  # as plain values: a key Hydra let in ('+moe.topk=2') is then rejected, not dropped
+        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        typed: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
+                                                                 values))
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(
-            f"Invalid config at '{key}': {err.msg if hasattr(err, 'msg') else err}. "
-            f"Valid keys are: {', '.join(valid_keys())}."
-        ) from None
+        raise config_error(err) from None
+    values = flatten(as_dict(typed))
+    for dotted, (_, f) in schema_keys().items():
+        if dotted in values and (problem := _bounds(dotted, values[dotted], f)):
+            raise ConfigError(problem)
 
-    d, m, moe, t = typed.dataset, typed.model, typed.moe, typed.trainer
+    d, moe, t = typed.dataset, typed.moe, typed.trainer
     _require(d.name.startswith("ogbg-mol"),
              f"dataset.name={d.name!r} is not an OGB molecular dataset; use one of the ogbg-mol* "
              "names (ogbg-molhiv, ogbg-molbbbp, ogbg-moltox21, ...).")
-    _require(0.0 <= d.drop_node_p < 1.0, f"dataset.drop_node_p={d.drop_node_p} must be in [0, 1).")
-    _check_choice("model.backbone", m.backbone, BACKBONES)
-    _check_choice("model.pooling", m.pooling, POOLINGS)
-    _require(m.num_layers >= 2, f"model.num_layers={m.num_layers} must be at least 2 (OGB's GNN).")
-    _require(m.hidden_dim >= 1, f"model.hidden_dim={m.hidden_dim} must be positive.")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
-    _require(moe.num_experts >= 0,
-             f"moe.num_experts={moe.num_experts} must be >= 0 (0 means the plain backbone).")
     if moe.enabled:
         _require(1 <= moe.top_k <= moe.num_experts,
                  f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}.")
         _require(0 <= moe.num_hop2 <= moe.num_experts,
                  f"moe.num_hop2={moe.num_hop2} (hop-2 experts) must be between 0 and "
                  f"moe.num_experts={moe.num_experts}.")
-        _require(0 <= moe.loss_weight < math.inf,
-                 f"moe.loss_weight={moe.loss_weight} (λ) must be a finite number >= 0.")
-        _check_choice("moe.combine", moe.combine, COMBINES)
-        _check_choice("moe.dispatch", moe.dispatch, DISPATCHES)
-        _check_choice("moe.gate", moe.gate, GATES)
     _require(len(typed.seeds) > 0, "seeds is empty; give at least one, e.g. seeds=[0,1,2].")
     _require(len(set(typed.seeds)) == len(typed.seeds), f"seeds={typed.seeds} has duplicates.")
     _require(all(0 <= s < 2**32 for s in typed.seeds),
              f"seeds={typed.seeds}: every seed must be between 0 and 2**32 - 1 (numpy's range).")
-    _require(t.epochs >= 1, f"trainer.epochs={t.epochs} must be at least 1.")
-    _require(t.batch_size >= 1 and t.eval_batch_size >= 1, "batch sizes must be positive.")
-    _require(t.lr > 0 and math.isfinite(t.lr), f"trainer.lr={t.lr} must be a positive number.")
-    _require(t.num_workers >= 0, f"trainer.num_workers={t.num_workers} must be >= 0.")
-    _require(t.cpu_threads >= 0,
-             f"trainer.cpu_threads={t.cpu_threads} must be >= 0 (0: this job's share of the cores).")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
              f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N.")
-    _check_choice("logger.wandb.mode", typed.logger.wandb.mode, WANDB_MODES)
-    _require(typed.logger.wandb.timeout > 0,
-             f"logger.wandb.timeout={typed.logger.wandb.timeout} must be positive.")
     return typed
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
 
 
 def expert_hidden_dim(model: ModelConfig, moe: MoEConfig) -> int:
@@ -258,55 +330,35 @@ def describe(cfg: TrainConfig) -> str:
     """Short human name of the model, e.g. 'gcn' or 'gmoe-gcn n=8 hop2=4 k=4 λ=1' (hop2: how many
     of the n experts are hop-2 ones; the paper's m counts the hop-1 experts, n − hop2)."""
     if not cfg.moe.enabled:
-        return cfg.model.backbone
+        return str(cfg.model.backbone)
     moe = cfg.moe
-    gate = "" if moe.gate == "top_k" else f" gate={moe.gate}"
+    gate = "" if moe.gate == Gate.top_k else f" gate={moe.gate}"
     return (f"gmoe-{cfg.model.backbone} n={moe.num_experts} hop2={moe.num_hop2} k={moe.top_k} "
             f"λ={moe.loss_weight:g}{gate}")
 
 
-# Keys that change how a run executes but not what it computes: left out of the group identity.
-EXECUTION_KEYS = ("seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
-                  "trainer.cpu_threads", "trainer.eval_batch_size", "trainer.checkpoint_dir",
-                  "trainer.resume", "dataset.root", "dataset.mirror")
+# What a run's identity (config_identity) hashes, version 1: the keys of the identities first stored
+# (checkpoint folders are named by them). A key added since computes, at its default, what configs
+# without it computed: it enters the hash only at another value, so adding a key keeps identities.
+IDENTITY_V1 = ("dataset.name", "dataset.drop_node_p", "model.backbone", "model.num_layers",
+               "model.hidden_dim", "model.dropout", "model.virtual_node", "model.pooling",
+               "moe.num_experts", "moe.num_hop2", "moe.top_k", "moe.loss_weight", "moe.noisy_gating",
+               "moe.combine", "moe.dispatch", "moe.scale_hidden", "trainer.epochs",
+               "trainer.batch_size", "trainer.lr")
 
 
-def is_execution_key(dotted: str) -> bool:
-    """Whether a dotted key (e.g. 'logger.wandb.mode') is, or lies under, an EXECUTION_KEYS entry."""
-    return any(dotted == key or dotted.startswith(f"{key}.") for key in EXECUTION_KEYS)
-
-
-# Keys added to the schema after identities were first stored, each with the value that computes
-# what configs without it computed: at that value a key stays out of the identity, so adding a key
-# never orphans the checkpoints of existing runs. Add every new computing key here.
-IDENTITY_NEUTRAL: dict[str, Any] = {"moe.gate": "top_k"}
-
-
-def execution_override_keys() -> list[str]:
-    """Every command-line key that is an execution detail (the keys and groups in
-    :data:`EXECUTION_KEYS` and everything under them): Hydra leaves them out of job folder names."""
-    prefixes = tuple(f"{key}." for key in EXECUTION_KEYS)
-    return sorted({*EXECUTION_KEYS, *(k for k in valid_keys() if k.startswith(prefixes))})
-
-
-def config_identity(config: dict[str, Any], also_ignore: tuple[str, ...] = ()) -> str:
-    """Short stable hash of what a config computes (seeds and execution details excluded).
-
-    An int given for a float key counts as that float (``moe.loss_weight=1`` from a sweep is the
-    same run as ``moe.loss_weight=1.0``); a key of :data:`IDENTITY_NEUTRAL` at its neutral value
-    is left out; keys outside the schema are hashed as they are."""
-    ignored = set(EXECUTION_KEYS) | set(also_ignore)
-
-    def kept(key: str, value: Any) -> bool:
-        return key not in ignored and not (key in IDENTITY_NEUTRAL
-                                           and value == IDENTITY_NEUTRAL[key])
-
-    def strip(node: Any, key: str = "") -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v, f"{key}.{k}" if key else k) for k, v in sorted(node.items())
-                    if kept(f"{key}.{k}" if key else k, v)}
-        if key in _FLOAT_KEYS and isinstance(node, int) and not isinstance(node, bool):
-            return float(node)
-        return node
-    canonical = strip(config)
+def config_identity(config: TrainConfig | Mapping[str, Any], also_ignore: tuple[str, ...] = ()) -> str:
+    """Short stable hash of what a config computes: its :data:`IDENTITY_V1` keys and any key added
+    since that is not at its default (execution keys never). A stored config (summary.json's) is
+    read through the schema first: its keys added later take their defaults, ints of float keys
+    count as floats (``moe.loss_weight=1`` from a sweep is the same run as ``moe.loss_weight=1.0``)."""
+    typed = config if isinstance(config, TrainConfig) else validate(config)
+    values, defaults = flatten(as_dict(typed)), _defaults(type(typed))
+    canonical: dict[str, Any] = {}
+    for dotted, value in values.items():
+        if dotted in also_ignore or is_execution_key(dotted) or (
+                dotted not in IDENTITY_V1 and value == defaults[dotted]):
+            continue
+        section, _, name = dotted.rpartition(".")
+        canonical.setdefault(section, {})[name] = value
     return hashlib.sha1(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:8]

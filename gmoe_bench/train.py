@@ -14,16 +14,17 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gmoe_bench import output_dirs
-from gmoe_bench.config import CONFIG_DIR, check_override_keys, describe, validate
+from gmoe_bench.config import CONFIG_DIR, as_dict, config_error, describe, validate
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, check_writable, checkpoint_directory
 from gmoe_bench.engine.run import resolve_device, run_seed
-from gmoe_bench.errors import ConfigError, TrainingError, UserError, describe_error
+from gmoe_bench.errors import TrainingError, UserError, describe_error
 from gmoe_bench.records import SUMMARY_FILE, provenance, write_json_atomic
 from gmoe_bench.tracking.summary import aggregate, summary_line
 from gmoe_bench.tracking.wandb_logger import WandbLogger
@@ -80,8 +81,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     device = resolve_device(typed.trainer.device)
     data = load_dataset(typed.dataset)
     model_name = describe(typed)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    checkpoints = checkpoint_directory(config, data.name, data.fingerprint)
+    checkpoints = checkpoint_directory(typed, data.name, data.fingerprint)
     check_writable(checkpoints)
     legacy = checkpoints.parent
     if list(legacy.glob("seed_*.json")) and not list(checkpoints.glob("seed_*")):
@@ -97,7 +97,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         "dataset": data.name,
         "model": model_name,
         "metric": data.eval_metric,
-        "config": config,
+        "config": as_dict(typed),
         # what the numbers were computed from: the folder read and its content hash
         "data": {"folder": str(data.folder), "fingerprint": data.fingerprint},
         "provenance": provenance(device, job_command()),
@@ -106,7 +106,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         "complete": False,
     }
     path = output_dir / SUMMARY_FILE
-    wandb = WandbLogger(typed.logger.wandb, config, data.name, model_name, data.eval_metric,
+    wandb = WandbLogger(typed.logger.wandb, typed, data.name, model_name, data.eval_metric,
                         typed.moe.num_experts - typed.moe.num_hop2, output_dir)
     start = time.perf_counter()
     for seed in typed.seeds:
@@ -170,22 +170,19 @@ def _hydra_main(cfg: DictConfig) -> float:
         raise SystemExit(2 if isinstance(err, UserError) else 3) from None
 
 
-def config_groups() -> dict[str, list[str]]:
-    """Each config group under configs/ and its options (e.g. 'dataset' -> ['ogbg-molbbbp', ...])."""
-    return {group.name: sorted(p.stem for p in group.glob("*.yaml"))
-            for group in sorted(Path(CONFIG_DIR).iterdir()) if group.is_dir()}
-
-
 def main() -> None:
     """Console entry point (``gmoe-train``)."""
-    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    try:
-        check_override_keys(overrides, config_groups())
-    except ConfigError as err:
-        print(f"gmoe-train: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    # Hydra composes the config onto the schema (gmoe_bench/config.py) and rejects what does not
+    # fit it; with HYDRA_FULL_ERROR its errors reach this function, which says them in one sentence.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
+    except SweepJobError as err:  # already said by the job; Hydra ran the other jobs
+        print(err, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"gmoe-train: error: {config_error(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("gmoe-train: interrupted. Finished seeds are in summary.json and the checkpoints; "
               "re-run the same command to resume.", file=sys.stderr, flush=True)

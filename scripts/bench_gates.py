@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import HIDDEN, LAYERS, REPO, batches, molhiv_or_built, time_model
 
-from gmoe_bench.config import GATES, ModelConfig, MoEConfig
+from gmoe_bench.config import Gate, ModelConfig, MoEConfig
 from gmoe_bench.model import build_model
 from gmoe_bench.model.gate import cv_squared
 from gmoe_bench.records import code_commit, hardware
@@ -53,7 +53,7 @@ def main() -> None:
                                               "top_k"), 1).to(device)
         plain_ms = time_model(plain, fixed, device, 2, args.repeats)["step_ms"]
         lines.append(f"| {backbone} | plain | {plain_ms:.1f} | 1.00 | – | – |")
-        for gate in GATES:
+        for gate in Gate:
             torch.manual_seed(0)
             moe = MoEConfig(NUM_EXPERTS, NUM_HOP2, TOP_K, 1.0, True, "sum", "sparse", False, gate)
             model = build_model(config, moe, 1).to(device)

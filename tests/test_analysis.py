@@ -43,10 +43,10 @@ def gmoe_run(small_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_best_weights_give_the_best_validation_metric(gmoe_run: Path) -> None:
     summary = json.loads((gmoe_run / "summary.json").read_text())
-    cfg = validate(OmegaConf.create(summary["config"]))
+    cfg = validate(summary["config"])
     data = load_dataset(cfg.dataset)
     for seed in summary["seeds"]:
-        directory = checkpoint_directory(summary["config"], data.name, data.fingerprint)
+        directory = checkpoint_directory(cfg, data.name, data.fingerprint)
         path = SeedCheckpoint(directory, seed["seed"]).best_model_path
         model = build_model(cfg.model, cfg.moe, data.num_tasks)
         model.load_state_dict(torch.load(path))
@@ -61,7 +61,7 @@ def test_routing_report_counts_every_atom(gmoe_run: Path, tmp_path: Path) -> Non
     report = json.loads((tmp_path / "r" / "routing_structure.json").read_text())
     assert len(report) == 1 and [s["seed"] for s in report[0]["per_seed"]] == [0, 1]
     summary = json.loads((gmoe_run / "summary.json").read_text())
-    data = load_dataset(validate(OmegaConf.create(summary["config"])).dataset)
+    data = load_dataset(validate(summary["config"]).dataset)
     test_atoms = sum(data.graphs[int(i)].num_nodes for i in data.split["test"])
     for seed in report[0]["per_seed"]:
         for prop, counts in seed["counts"].items():
@@ -194,10 +194,9 @@ def test_gmoe_select_prints_overrides_that_reproduce_the_chosen_job(
     assert len(selected["seeds"]) == 10
     assert config_identity(selected) == config_identity(configs["1"])
     # the 10-seed run finds the search's finished seeds: the same checkpoint folder
-    assert (checkpoint_directory(selected, "ogbg-molbbbp", "f")
-            == checkpoint_directory(configs["1"], "ogbg-molbbbp", "f"))
-    assert (checkpoint_directory(configs["0"], "ogbg-molbbbp", "f")
-            != checkpoint_directory(configs["1"], "ogbg-molbbbp", "f"))
+    directories = [checkpoint_directory(validate(c), "ogbg-molbbbp", "f")
+                   for c in (selected, configs["1"], configs["0"])]
+    assert directories[0] == directories[1] != directories[2]
 
     # one GIN configuration is no choice: an error, and nothing on stdout for the make target to use
     assert select_main([str(search), "--backbone", "gin"]) == 2

@@ -1,16 +1,35 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from gmoe_bench.config import CONFIG_DIR, IDENTITY_NEUTRAL, config_identity, validate
+from gmoe_bench import config
+from gmoe_bench.config import (
+    CONFIG_DIR,
+    EXECUTION_KEYS,
+    IDENTITY_V1,
+    MoEConfig,
+    TrainConfig,
+    as_dict,
+    config_error,
+    config_identity,
+    valid_keys,
+    validate,
+)
 from gmoe_bench.errors import ConfigError
 
 
 def composed(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    """The config Hydra composes onto the schema; its rejections as gmoe-train says them."""
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    except HydraException as err:
+        raise config_error(err) from None
 
 
 def test_defaults_are_ogb_protocol() -> None:
@@ -40,13 +59,17 @@ def test_gmoe_group_and_overrides() -> None:
     (["moe.num_experts=4", "moe.num_hop2=5"], "moe.num_hop2=5"),
     (["moe.num_experts=-1"], "moe.num_experts=-1 must be >= 0"),
     (["moe.num_experts=4", "moe.loss_weight=-0.1"], "λ"),
-    (["model.num_layers=1"], "at least 2"),
+    (["model.num_layers=1"], r"model.num_layers=1 must be >= 2 \(OGB's GNN\)"),
     (["seeds=[]"], "seeds is empty"),
     (["model.backbone=gat"], "model.backbone='gat' is not one of gcn, gin"),
+    (["model=gat"], r"model=gat is not one of the model configs \(gcn, gin\)"),
+    (["model.pooling=min"], "model.pooling='min' is not one of mean, sum, max"),
     (["trainer.lr=-0.001"], "trainer.lr=-0.001 must be a positive"),
     (["dataset.name=cora"], "not an OGB molecular dataset"),
     (["+moe.topk=2"], "Valid keys are: .*moe.top_k"),
-    (["trainer.epochs=ten"], "trainer.epochs"),
+    (["trainer.epochs=ten"], r"trainer.epochs='ten' is not an integer; e.g. trainer.epochs=100"),
+    (["moe.topk=2"], "Unknown config key 'moe.topk'. Did you mean 'moe.top_k'?"),
+    (["seeds=[0,1"], "Cannot parse the override 'seeds=\\[0,1'"),
 ])
 def test_bad_values_are_one_clear_error(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -64,16 +87,39 @@ STORED_IDENTITIES = {
 
 @pytest.mark.parametrize(("overrides", "identity"), STORED_IDENTITIES.items())
 def test_identities_of_existing_runs_do_not_change(overrides: tuple[str, ...], identity: str) -> None:
-    config = OmegaConf.to_container(composed(*overrides, "trainer.cpu_threads=1",
-                                             "trainer.checkpoint_dir=/elsewhere"), resolve=True)
-    assert config_identity(config) == identity
+    cfg = composed(*overrides, "trainer.cpu_threads=1", "trainer.checkpoint_dir=/elsewhere")
+    typed = validate(cfg)
+    assert config_identity(typed) == identity
+    # as summary.json stores it, and as older runs stored it (the raw tree, moe.gate absent)
+    assert config_identity(as_dict(typed)) == identity
+    stored = OmegaConf.to_container(cfg, resolve=True)
+    del stored["moe"]["gate"]
+    assert config_identity(stored) == identity
 
 
-def test_a_new_key_at_its_neutral_value_keeps_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = OmegaConf.to_container(composed(), resolve=True)
-    monkeypatch.setitem(IDENTITY_NEUTRAL, "moe.capacity_factor", 1.0)
-    assert config_identity({**config, "moe": {**config["moe"], "capacity_factor": 1.0}}) == "e63e5632"
-    assert config_identity({**config, "moe": {**config["moe"], "capacity_factor": 2.0}}) != "e63e5632"
+@dataclass
+class LaterMoE(MoEConfig):
+    capacity_factor: float = 1.0  # a key added to the schema, at a default that computes as before
+
+
+@dataclass
+class LaterSchema(TrainConfig):
+    moe: LaterMoE = field(default_factory=LaterMoE)
+
+
+def test_a_key_added_with_a_default_keeps_the_identities(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "TrainConfig", LaterSchema)
+    stored = OmegaConf.to_container(composed(), resolve=True)
+    assert config_identity(stored) == "e63e5632"  # stored before the key existed: its default
+    assert config_identity({**stored, "moe": {**stored["moe"], "capacity_factor": 1.0}}) == "e63e5632"
+    assert config_identity({**stored, "moe": {**stored["moe"], "capacity_factor": 2.0}}) != "e63e5632"
+
+
+def test_every_key_is_in_the_identity_or_an_execution_key() -> None:
+    later = {"moe.gate"}  # added after version 1: in the identity where not at its default
+    execution = [k for k in valid_keys() if config.is_execution_key(k)]
+    assert sorted([*IDENTITY_V1, *later, *execution]) == sorted(valid_keys())
+    assert set(EXECUTION_KEYS) >= {"seeds", "logger", "trainer.checkpoint_dir", "dataset.root"}
 
 
 def test_gate_is_a_checked_choice_and_part_of_the_identity() -> None:

@@ -31,6 +31,7 @@ from gmoe_bench.config import (
     EXECUTION_KEYS,
     ModelConfig,
     MoEConfig,
+    TrainConfig,
     WandbConfig,
     execution_override_keys,
     validate,
@@ -312,11 +313,11 @@ def test_divergence_fails_each_seed_with_a_summary(local_copy: Path, tmp_path: P
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("moe.loss_weight=inf", r"moe.loss_weight=inf \(λ\) must be a finite number"),
+    ("moe.loss_weight=inf", r"moe.loss_weight=inf must be a finite number \(λ"),
     ("seeds=[-1]", "every seed must be between 0 and 2\\*\\*32 - 1"),
     ("seeds=[4294967296]", "every seed must be between 0 and 2\\*\\*32 - 1"),
     ("trainer.device=cuda:x", "trainer.device='cuda:x' must be auto, cpu, cuda or cuda:N"),
-    ("logger.wandb.timeout=0", "logger.wandb.timeout=0.0 must be positive"),
+    ("logger.wandb.timeout=0", "logger.wandb.timeout=0.0 must be a positive number"),
 ])
 def test_out_of_range_values_are_config_errors(tmp_path: Path, override: str, message: str) -> None:
     cfg = compose_run(tmp_path, tmp_path / "data", "moe.num_experts=2", override)
@@ -385,7 +386,7 @@ class FakeRun:
 
 def online_logger(tmp_path: Path) -> WandbLogger:
     cfg = WandbConfig(mode="online", project="p", entity=None, tags=[], name=None, timeout=3)
-    return WandbLogger(cfg, {"a": 1}, "ogbg-molbbbp", "gcn", "rocauc", 1, tmp_path)
+    return WandbLogger(cfg, TrainConfig(), "ogbg-molbbbp", "gcn", "rocauc", 1, tmp_path)
 
 
 def test_wandb_online_without_a_key_goes_offline_without_prompting(

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.utils import degree
 
-from gmoe_bench.config import GATES, ModelConfig, MoEConfig, expert_hidden_dim
+from gmoe_bench.config import Gate, ModelConfig, MoEConfig, expert_hidden_dim
 from gmoe_bench.data.hop2 import two_hop_edges
 from gmoe_bench.model import build_model
 from gmoe_bench.model.conv import OGBGCNConv, OGBGINConv
@@ -19,6 +19,7 @@ from gmoe_bench.model.gate import NoisyTopKGate, build_gate, cv_squared
 from gmoe_bench.model.moe import GMoELayer, HopGraph
 from tests.test_hop2 import graph
 
+GATES = [gate.value for gate in Gate]
 SMILES = ["CCO", "c1ccccc1CN", "C1CCNCC1C(=O)O", "C", "CC(C)(C)Cl", "[Na+].[Cl-]", "C1CCC1"]
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 from torch_geometric.loader import DataLoader
 from torch_geometric.utils import degree
@@ -248,15 +247,14 @@ def plot_report(analyses: list[RoutingAnalysis], path_v: str, path_classes: str)
 def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
                     checkpoint_root: Path | None) -> RoutingAnalysis:
     """Load every seed's best-validation weights and tally its routing on ``split``."""
-    cfg = validate(OmegaConf.create(result.config))
-    config = result.config
+    cfg = validate(result.config)
     if checkpoint_root is not None:
-        config = {**config, "trainer": {**config["trainer"], "checkpoint_dir": str(checkpoint_root)}}
+        cfg.trainer.checkpoint_dir = str(checkpoint_root)
     if result.fingerprint is not None and result.fingerprint != data.fingerprint:
         raise UserError(f"'{result.label}' was trained on other data than {data.folder} holds now "
                         f"(content hash {result.fingerprint}, now {data.fingerprint}); routing it on "
                         "this data would mislead. Restore the data it was trained on.")
-    directory = checkpoint_directory(config, result.dataset, result.fingerprint)
+    directory = checkpoint_directory(cfg, result.dataset, result.fingerprint)
     loader = DataLoader(data.graphs[data.split[split]], batch_size=cfg.trainer.eval_batch_size)
     counts = []
     for seed in sorted(s["seed"] for s in result.seeds):
@@ -311,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in results:
             key = (result.dataset, result.config["dataset"]["root"])
             if key not in datasets:
-                datasets[key] = load_dataset(validate(OmegaConf.create(result.config)).dataset)
+                datasets[key] = load_dataset(validate(result.config).dataset)
             analyses.append(analyse_routing(result, datasets[key], args.split,
                                             args.checkpoint_dir))
     except UserError as err:

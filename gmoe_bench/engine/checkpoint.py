@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gmoe_bench.config import config_identity
+from gmoe_bench.config import TrainConfig, config_identity
 from gmoe_bench.errors import ConfigError, TrainingError
 from gmoe_bench.output_dirs import aside_name
 from gmoe_bench.records import write_atomic, write_json_atomic
@@ -60,12 +60,12 @@ def restore_rng_state(state: dict[str, Any], shuffle: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_directory(config: dict[str, Any], dataset: str, fingerprint: str | None) -> Path:
-    """Where the seeds of ``config`` (the resolved config tree) on ``dataset`` keep their files.
+def checkpoint_directory(config: TrainConfig, dataset: str, fingerprint: str | None) -> Path:
+    """Where the seeds of ``config`` on ``dataset`` keep their files.
 
     ``fingerprint`` is the data's content hash (MolDataset.fingerprint); None gives the folder of
     runs made before it was part of the key (their summary.json has no 'data' entry)."""
-    root = Path(config["trainer"]["checkpoint_dir"]).expanduser().resolve()
+    root = Path(config.trainer.checkpoint_dir).expanduser().resolve()
     folder = root / dataset / config_identity(config)
     return folder if fingerprint is None else folder / f"data-{fingerprint}"
 

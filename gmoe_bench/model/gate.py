@@ -172,7 +172,7 @@ class RandomGate(nn.Module):
 
 
 def build_gate(kind: str, in_dim: int, num_experts: int, top_k: int, noisy: bool) -> nn.Module:
-    """The gate ``moe.gate`` names (one of ``gmoe_bench.config.GATES``)."""
+    """The gate ``moe.gate`` names (a ``gmoe_bench.config.Gate``)."""
     if kind == "random":
         return RandomGate(in_dim, num_experts, top_k)
     gate = {"top_k": NoisyTopKGate, "dense": DenseGate, "expert_choice": ExpertChoiceGate}[kind]

@@ -7,10 +7,9 @@ import shlex
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from gmoe_bench import output_dirs
-from gmoe_bench.config import CONFIG_DIR, is_execution_key
+from gmoe_bench.config import CONFIG_DIR, as_dict, is_execution_key, validate
 from gmoe_bench.records import display_scale, flatten, higher_is_better
 from gmoe_bench.reports.paper_figures import PAPER_SEEDS, family, paper_figure
 from gmoe_bench.reports.stats import LEVEL
@@ -79,10 +78,10 @@ def selected_overrides(result: ConfigResult) -> str:
     rebuilt approximation. Execution keys (seeds, device, data folders, W&B) are left to the user."""
     output_dirs.register()  # the resolvers the Hydra configs name
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        base = flatten(OmegaConf.to_container(compose("train", overrides=[SELECTED_EXPERIMENT]),
-                                            resolve=True))
-    changed = [f"{key}={_override_value(value)}" for key, value in flatten(result.config).items()
-               if key in base and base[key] != value and not is_execution_key(key)]
+        base = flatten(as_dict(validate(compose("train", overrides=[SELECTED_EXPERIMENT]))))
+    own = flatten(as_dict(validate(result.config)))  # keys added since the run: their defaults
+    changed = [f"{key}={_override_value(value)}" for key, value in own.items()
+               if base[key] != value and not is_execution_key(key)]
     return " ".join(shlex.quote(override) for override in changed)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gmoe_bench.config import WandbConfig, config_identity
+from gmoe_bench.config import TrainConfig, WandbConfig, as_dict, config_identity
 from gmoe_bench.errors import describe_error
 from gmoe_bench.records import EpochRecord, SeedResult
 
@@ -34,10 +34,10 @@ def epoch_metrics(record: EpochRecord, metric: str) -> dict[str, float]:
 class WandbLogger:
     """Logs a job's seeds to W&B; every method is safe to call after a failure (it does nothing)."""
 
-    def __init__(self, cfg: WandbConfig, run_config: dict[str, Any], dataset: str, model: str,
+    def __init__(self, cfg: WandbConfig, run_config: TrainConfig, dataset: str, model: str,
                  metric: str, num_hop1: int, output_dir: Path) -> None:
         self.cfg = cfg
-        self.run_config = run_config
+        self.run_config = as_dict(run_config)
         self.metric = metric
         self.num_hop1 = num_hop1
         self.output_dir = output_dir
