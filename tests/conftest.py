@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from gmoe_bench import output_dirs
@@ -18,6 +19,10 @@ from gmoe_bench.data.from_smiles import write_ogb_folder
 
 REPO = Path(__file__).resolve().parents[1]
 output_dirs.register()  # the resolvers the Hydra configs name, as gmoe-train registers them
+# One torch thread in this process and in the runs it starts: the test models are small, and on a
+# shared 2-core machine a second thread per process mostly waits for a core (several times slower).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def small_molecules() -> list[str]:
@@ -71,8 +76,6 @@ def run_cli(*overrides: str, cwd: Path, mirror: Path | None,
     """Run gmoe-train's ``main()`` in this process, as the command line would (argv, environment,
     working folder, exit code, stdout and stderr): a subprocess would spend seconds importing torch,
     PyG and Hydra for every run. :func:`run_cli_subprocess` is the real command."""
-    import torch
-
     from gmoe_bench.train import main
 
     args = cli_args(overrides, cwd)
