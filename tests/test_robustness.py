@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from gmoe_bench.errors import DataError, TrainingError
 from gmoe_bench.model import build_model
 from gmoe_bench.records import write_json_atomic
 from gmoe_bench.train import train
-from tests.conftest import REPO, run_cli, write_small_dataset
+from tests.conftest import REPO, cli_args, cli_env, run_cli, write_small_dataset
 from tests.test_data import dataset_cfg
 
 KEYS = ("seed", "best_epoch", "valid", "test")
@@ -161,27 +160,29 @@ def test_finished_seeds_are_skipped_on_rerun(small_mirror: Path, tmp_path: Path)
     assert figures(json.loads((tmp_path / "b" / "summary.json").read_text())) == figures(first)
 
 
-def launch(tmp_path: Path, mirror: Path, workdir: str, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "GMOE_DATA_MIRROR": str(mirror), "GMOE_DATA_ROOT": str(tmp_path / "data"),
-           "GMOE_CHECKPOINT_DIR": str(tmp_path / workdir / "ckpt"), "PYTHONPATH": str(REPO)}
-    (tmp_path / workdir).mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "gmoe_bench.train", "hydra.run.dir=run", "logger=none",
-           "trainer.progress=false", "seeds=[0,1]", "trainer.epochs=12", "moe.num_experts=4",
-           "moe.num_hop2=2", "moe.top_k=2", "moe.loss_weight=1", "dataset.drop_node_p=0.1",
-           *overrides]
-    return subprocess.Popen(cmd, cwd=tmp_path / workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+# A GMoE run with node dropping, long enough (12 epochs per seed) to be killed in the middle of seed 1.
+RESUMABLE = ("logger=none", "seeds=[0,1]", "trainer.epochs=12", "moe.num_experts=4", "moe.num_hop2=2",
+             "moe.top_k=2", "moe.loss_weight=1", "dataset.drop_node_p=0.1", "model.hidden_dim=64")
 
 
 def test_kill_and_resume_reaches_the_uninterrupted_result(small_mirror: Path,
                                                           tmp_path: Path) -> None:
-    reference = launch(tmp_path, small_mirror, "reference")
-    output, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, output
+    def run(workdir: str):  # in this process: only the killed run needs a process of its own
+        (tmp_path / workdir).mkdir(exist_ok=True)
+        return run_cli(*RESUMABLE, f"trainer.checkpoint_dir={tmp_path / workdir / 'ckpt'}",
+                       cwd=tmp_path / workdir, mirror=small_mirror, data_root=tmp_path / "data")
+
+    reference = run("reference")
+    assert reference.returncode == 0, reference.stderr
     expected = json.loads((tmp_path / "reference" / "run" / "summary.json").read_text())
 
-    victim = launch(tmp_path, small_mirror, "killed")
     ckpt = tmp_path / "killed" / "ckpt"
+    (tmp_path / "killed").mkdir()
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "gmoe_bench.train", *cli_args(RESUMABLE, tmp_path / "killed"),
+         f"trainer.checkpoint_dir={ckpt}"], cwd=tmp_path / "killed",
+        env={**cli_env(small_mirror, tmp_path / "data"), "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill in the middle of seed 1, after some of its epochs
         states = list(ckpt.rglob("seed_1.pt"))
@@ -193,9 +194,9 @@ def test_kill_and_resume_reaches_the_uninterrupted_result(small_mirror: Path,
     assert list(ckpt.rglob("seed_0.json")) and list(ckpt.rglob("seed_1.pt"))
     assert not list(ckpt.rglob("seed_1.json"))
 
-    rerun = launch(tmp_path, small_mirror, "killed")  # the same command again
-    output, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, output
-    assert "seed 0: already finished" in output and "seed 1: resumed after epoch" in output
+    rerun = run("killed")  # the same command again
+    assert rerun.returncode == 0, rerun.stderr
+    log = (tmp_path / "killed" / "run" / "train.log").read_text()
+    assert "seed 0: already finished" in log and "seed 1: resumed after epoch" in log
     resumed = json.loads((tmp_path / "killed" / "run" / "summary.json").read_text())
     assert figures(resumed) == figures(expected)
