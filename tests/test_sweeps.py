@@ -24,7 +24,7 @@ def sweep(tmp_path: Path, mirror: Path, *overrides: str) -> Path:
 def test_jobs_through_submitit_local(small_mirror: Path, tmp_path: Path) -> None:
     # one process per job, as on SLURM (so only two jobs: each process starts torch and W&B anew)
     out = sweep(tmp_path, small_mirror, "hydra/launcher=slurm_local", "moe.num_experts=2",
-                "moe.num_hop2=1", "moe.top_k=1,2", "seeds=[0,1]", *SMALL)
+                "moe.num_hop2=1", "moe.top_k=1,2", "seeds=[0,1]", "logger.wandb.timeout=120", *SMALL)
     jobs = sorted(out.glob("*/summary.json"))
     assert len(jobs) == 2
     assert list((out / ".submitit").glob("*/*_log.out"))  # ran through submitit's executor

@@ -18,6 +18,8 @@ from tests.wandb_records import run_contents
 def test_offline_runs_hold_the_metrics(small_mirror: Path, tmp_path: Path) -> None:
     proc = run_cli("moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2", "moe.loss_weight=1",
                    "seeds=[0,1]", "trainer.epochs=2", "logger.wandb.tags=[smoke]",
+                   # time for W&B to write its run files on a busy machine (15 s is not always)
+                   "logger.wandb.timeout=120",
                    cwd=tmp_path, mirror=small_mirror, data_root=tmp_path / "data")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
