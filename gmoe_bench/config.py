@@ -82,6 +82,7 @@ class TrainerConfig:
     resume: bool = MISSING
     eval_batch_size: int = MISSING
     progress: bool = MISSING
+    seeds_per_group: int = MISSING
 
 
 @dataclass
@@ -231,6 +232,8 @@ def validate(cfg: DictConfig) -> TrainConfig:
     _require(t.epochs >= 1, f"trainer.epochs={t.epochs} must be at least 1.")
     _require(t.batch_size >= 1 and t.eval_batch_size >= 1, "batch sizes must be positive.")
     _require(t.lr > 0 and math.isfinite(t.lr), f"trainer.lr={t.lr} must be a positive number.")
+    _require(t.seeds_per_group >= 1,
+             f"trainer.seeds_per_group={t.seeds_per_group} must be at least 1 (1: one seed at a time).")
     _require(t.num_workers >= 0, f"trainer.num_workers={t.num_workers} must be >= 0.")
     _require(t.cpu_threads >= 0,
              f"trainer.cpu_threads={t.cpu_threads} must be >= 0 (0: this job's share of the cores).")
@@ -268,7 +271,7 @@ def describe(cfg: TrainConfig) -> str:
 # Keys that change how a run executes but not what it computes: left out of the group identity.
 EXECUTION_KEYS = ("seeds", "logger", "trainer.device", "trainer.num_workers", "trainer.progress",
                   "trainer.cpu_threads", "trainer.eval_batch_size", "trainer.checkpoint_dir",
-                  "trainer.resume", "dataset.root", "dataset.mirror")
+                  "trainer.resume", "trainer.seeds_per_group", "dataset.root", "dataset.mirror")
 
 
 def is_execution_key(dotted: str) -> bool:
