@@ -69,8 +69,9 @@ analyses: $(STAMP)  ## hop split, λ and equal-parameter comparisons on ogbg-mol
 	for a in hops lambda capacity; do $(BIN)/gmoe-report multirun/analysis_molbbbp/$$a --out results/analysis_molbbbp/$$a || exit 1; done
 	$(BIN)/gmoe-routing multirun/analysis_molbbbp/hops --out results/analysis_molbbbp/routing
 
-bench: $(STAMP)  ## speed benchmark (step times over the GMoE grid, hop-2, data loading) -> results/bench/
+bench: $(STAMP)  ## speed benchmark (step times over the GMoE grid, hop-2, data loading; seeds together) -> results/bench/
 	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python scripts/bench_seeds.py
 
 bench-gpu: $(STAMP)  ## GPU benchmark (molhiv epochs of GCN and GMoE-GCN, FLOPs, share of peak) -> results/bench/
 	$(BIN)/python scripts/bench_gpu.py $(ARGS)

@@ -144,6 +144,9 @@ class TrainerConfig:
     resume: bool = key(True, execution=True)  # false: ignore existing checkpoints and results
     eval_batch_size: int = key(256, ge=1, execution=True)
     progress: bool = key(True, execution=True)  # tqdm bars (silent anyway when not on a terminal)
+    # seeds trained together in lockstep, as one computation (docs/grouped.md); each keeps its own
+    # weights, data order, random numbers and results
+    seeds_per_group: int = key(1, ge=1, execution=True, note="1: one seed at a time")
 
 
 @dataclass

@@ -23,9 +23,9 @@ from gmoe_bench import output_dirs
 from gmoe_bench.config import CONFIG_DIR, as_dict, config_error, describe, validate
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, check_writable, checkpoint_directory
-from gmoe_bench.engine.run import resolve_device, run_seed
+from gmoe_bench.engine.run import resolve_device, run_seeds
 from gmoe_bench.errors import TrainingError, UserError, describe_error
-from gmoe_bench.records import SUMMARY_FILE, provenance, write_json_atomic
+from gmoe_bench.records import SUMMARY_FILE, EpochRecord, SeedResult, provenance, write_json_atomic
 from gmoe_bench.tracking.summary import aggregate, summary_line
 from gmoe_bench.tracking.wandb_logger import WandbLogger
 
@@ -69,6 +69,38 @@ def job_command() -> str:
     return " ".join(map(shlex.quote, [Path(sys.argv[0]).name, *sys.argv[1:]]))
 
 
+def save_summary(summary: dict[str, Any], path: Path, start: float) -> None:
+    if summary["seeds"]:
+        summary["aggregate"] = aggregate(summary["seeds"])
+    summary["wall_seconds"] = time.perf_counter() - start
+    write_json_atomic(path, summary)
+
+
+class EpochLog:
+    """A group's epoch records to W&B (one run per seed): one seed's live, several seeds' seed
+    by seed once the group ends (W&B holds one run at a time)."""
+
+    def __init__(self, wandb: WandbLogger, group: list[int]) -> None:
+        self.wandb = wandb
+        self.live = len(group) == 1
+        self.records: dict[int, list[EpochRecord]] = {seed: [] for seed in group}
+        if self.live:
+            wandb.start_seed(group[0])
+
+    def log(self, seed: int, record: EpochRecord) -> None:
+        if self.live:
+            self.wandb.log_epoch(record)
+        else:
+            self.records[seed].append(record)
+
+    def replay(self, seed: int) -> None:
+        """Start the seed's W&B run and log its epochs (a group's seeds; one seed's are live)."""
+        if not self.live:
+            self.wandb.start_seed(seed)
+            for record in self.records[seed]:
+                self.wandb.log_epoch(record)
+
+
 def train(cfg: DictConfig, output_dir: Path) -> float:
     """Run every seed of ``cfg``; write summary.json; return the mean validation metric.
 
@@ -109,39 +141,47 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     wandb = WandbLogger(typed.logger.wandb, typed, data.name, model_name, data.eval_metric,
                         typed.moe.num_experts - typed.moe.num_hop2, output_dir)
     start = time.perf_counter()
+    pending = []
     for seed in typed.seeds:
         checkpoint = SeedCheckpoint(checkpoints, seed)
         finished = checkpoint.finished_result() if typed.trainer.resume else None
-        if finished is not None:
+        if finished is None:
+            pending.append(seed)
+        else:
             log.info("seed %d: already finished (%s), skipped", seed, checkpoint.result_path)
             summary["seeds"].append(finished)
-        else:
-            wandb.start_seed(seed)
-            try:
-                result = run_seed(typed, data, seed, device, wandb.log_epoch, checkpoint)
-            except UserError:
-                raise  # bad input fails every seed alike: exit 2 now
-            except Exception as err:  # one seed's failure, whatever it is, never stops the others
-                error = str(err) if isinstance(err, TrainingError) else (
-                    f"seed {seed} failed: {describe_error(err)}")
+    size = typed.trainer.seeds_per_group
+    for group in [pending[i : i + size] for i in range(0, len(pending), size)]:
+        epochs = EpochLog(wandb, group)
+        seed_checkpoints = {seed: SeedCheckpoint(checkpoints, seed) for seed in group}
+        results: dict[int, SeedResult | Exception]
+        try:
+            results = dict(run_seeds(typed, data, group, device, epochs.log, seed_checkpoints))
+        except UserError:
+            raise  # bad input fails every seed alike: exit 2 now
+        except Exception as err:  # one group's failure, whatever it is, never stops the others
+            results = dict.fromkeys(group, err)
+        for seed in group:
+            result = results[seed]
+            epochs.replay(seed)
+            if isinstance(result, Exception):
+                error = str(result) if isinstance(result, TrainingError) else (
+                    f"seed {seed} failed: {describe_error(result)}")
                 log.error("%s", error)
                 summary["failed_seeds"].append({"seed": seed, "error": error})
                 wandb.end_seed(None)
-            else:
-                wandb.end_seed(result)
-                summary["seeds"].append(result.to_dict())
-                log.info("seed %d: best epoch %d, valid %.4f, test %.4f", seed, result.best_epoch,
-                         result.valid, result.test)
-                try:
-                    checkpoint.finish(result.to_dict())
-                except TrainingError as err:  # the result is in summary.json all the same
-                    log.warning("%s", err)
-        if summary["seeds"]:
-            summary["aggregate"] = aggregate(summary["seeds"])
-        summary["wall_seconds"] = time.perf_counter() - start
-        write_json_atomic(path, summary)  # after every seed: finished seeds are never lost
+                continue
+            wandb.end_seed(result)
+            summary["seeds"].append(result.to_dict())
+            log.info("seed %d: best epoch %d, valid %.4f, test %.4f", seed, result.best_epoch,
+                     result.valid, result.test)
+            try:
+                seed_checkpoints[seed].finish(result.to_dict())
+            except TrainingError as err:  # the result is in summary.json all the same
+                log.warning("%s", err)
+        save_summary(summary, path, start)  # after every group: finished seeds are never lost
     summary["complete"] = not summary["failed_seeds"]
-    write_json_atomic(path, summary)
+    save_summary(summary, path, start)
     if summary["seeds"]:
         wandb.log_aggregate(summary["seeds"], summary["aggregate"])
         line = summary_line(data.name, model_name, data.eval_metric, summary["aggregate"])

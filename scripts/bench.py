@@ -108,7 +108,7 @@ def time_model(model: torch.nn.Module, fixed: list, device: torch.device, warmup
     optimizer.register_step_post_hook(after_optimizer)
 
     def step(b: Any) -> None:
-        train_step(model, optimizer, b, TASK_TYPE, drop_node_p=0.0)
+        train_step([model], [optimizer], [b], TASK_TYPE, drop_node_p=0.0, streams=None)
 
     model.train()
     if device.type == "cuda":
@@ -179,7 +179,7 @@ def data_wait_share(data: MolDataset, device: torch.device, max_batches: int) ->
     for i, b in enumerate(loader):
         b = b.to(device)
         wait += time.perf_counter() - fetched
-        train_step(model, optimizer, b, TASK_TYPE, drop_node_p=0.0)
+        train_step([model], [optimizer], [b], TASK_TYPE, drop_node_p=0.0, streams=None)
         sync(device)
         fetched = time.perf_counter()
         if i + 1 == max_batches:

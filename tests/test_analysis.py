@@ -51,7 +51,8 @@ def test_best_weights_give_the_best_validation_metric(gmoe_run: Path) -> None:
         model = build_model(cfg.model, cfg.moe, data.num_tasks)
         model.load_state_dict(torch.load(path))
         loader = DataLoader(data.graphs[data.split["valid"]], batch_size=256)
-        valid = evaluate(model, loader, Evaluator(data.name), torch.device("cpu"), progress=False)
+        (valid,) = evaluate([model], loader, Evaluator(data.name), torch.device("cpu"),
+                            progress=False)
         assert valid == pytest.approx(seed["valid"], abs=1e-6)
         assert seed["commit"] is None or len(seed["commit"]) >= 40
 

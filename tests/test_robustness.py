@@ -83,20 +83,21 @@ def test_single_atom_graphs_are_scored_and_one_graph_batches_skipped(small_mirro
             seen.append(len(input_dict["y_pred"]))
             return {"rocauc": 0.5}
 
-    evaluate(model, DataLoader(graphs, batch_size=1), CountingEvaluator("ogbg-molbbbp"),
+    evaluate([model], DataLoader(graphs, batch_size=1), CountingEvaluator("ogbg-molbbbp"),
              torch.device("cpu"), progress=False)
     assert seen == [len(graphs)]  # every graph scored, one-atom batches included
     optimizer = torch.optim.Adam(model.parameters())
-    stats = train_epoch(model, DataLoader(graphs, batch_size=1), optimizer, torch.device("cpu"),
-                        "binary classification", 0.0, progress=False)
+    (stats,) = train_epoch([model], [DataLoader(graphs, batch_size=1)], [optimizer],
+                           torch.device("cpu"), "binary classification", 0.0, progress=False,
+                           streams=None)
     assert stats.skipped_batches == len(graphs) and stats.graphs == 0  # one graph per batch
     # as OGB: a last training batch of one graph is skipped (BatchNorm over graphs, e.g. the
     # virtual node's, cannot normalise one value), the others train
     virtual = build_model(ModelConfig("gcn", 2, 16, 0.5, True, "mean"),
                          MoEConfig(0, 0, 1, 0.0, True, "sum", "sparse", True, "top_k"), 1)
-    stats = train_epoch(virtual, DataLoader(graphs, batch_size=len(graphs) - 1),
-                        torch.optim.Adam(virtual.parameters()), torch.device("cpu"),
-                        "binary classification", 0.0, progress=False)
+    (stats,) = train_epoch([virtual], [DataLoader(graphs, batch_size=len(graphs) - 1)],
+                           [torch.optim.Adam(virtual.parameters())], torch.device("cpu"),
+                           "binary classification", 0.0, progress=False, streams=None)
     assert stats.skipped_batches == 1 and stats.graphs == len(graphs) - 1
 
 

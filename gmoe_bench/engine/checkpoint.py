@@ -35,8 +35,10 @@ from gmoe_bench.records import write_atomic, write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def rng_state(shuffle: torch.Generator) -> dict[str, Any]:
-    """Every random state training depends on, as safe-to-load values."""
+def rng_state(shuffle: torch.Generator, stream: torch.Generator | None) -> dict[str, Any]:
+    """Every random state training depends on, as safe-to-load values. A seed's own ``stream``
+    (trained in a group) is stored where a solo run stores torch's global state on its device,
+    so a checkpoint resumes alone or in a group alike."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -46,18 +48,29 @@ def rng_state(shuffle: torch.Generator) -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if stream is not None:
+        if stream.device.type == "cuda":
+            state["cuda"][stream.device.index or 0] = stream.get_state()
+        else:
+            state["torch"] = stream.get_state()
     return state
 
 
-def restore_rng_state(state: dict[str, Any], shuffle: torch.Generator) -> None:
+def restore_rng_state(state: dict[str, Any], shuffle: torch.Generator,
+                      stream: torch.Generator | None) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
     shuffle.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if stream is None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    elif stream.device.type == "cuda":
+        stream.set_state(state["cuda"][stream.device.index or 0])
+    else:
+        stream.set_state(state["torch"])
 
 
 def checkpoint_directory(config: TrainConfig, dataset: str, fingerprint: str | None) -> Path:

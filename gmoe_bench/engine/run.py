@@ -1,4 +1,5 @@
-"""Train and evaluate one seed under OGB's protocol: test at the best validation epoch."""
+"""Train and evaluate seeds under OGB's protocol (test at the best validation epoch), one at a time or
+several in lockstep."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ from torch_geometric.loader import DataLoader
 from gmoe_bench.config import TrainConfig
 from gmoe_bench.data.ogb import MolDataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state
-from gmoe_bench.engine.loop import EpochStats, evaluate, train_epoch
+from gmoe_bench.engine.loop import EpochStats, NonFinitePredictions, evaluate, train_epoch
 from gmoe_bench.errors import ConfigError, TrainingError, describe_error
-from gmoe_bench.model import build_model
+from gmoe_bench.model import MolGNN, build_model
 from gmoe_bench.records import EpochRecord, SeedResult, code_commit, is_better
 
 log = logging.getLogger(__name__)
@@ -58,90 +59,164 @@ def routing_shares(stats: EpochStats) -> list[list[float]]:
     return (counts / counts.sum(axis=1, keepdims=True).clip(min=1)).round(6).tolist()
 
 
-def run_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device,
-             on_epoch: Callable[[EpochRecord], None], checkpoint: SeedCheckpoint) -> SeedResult:
-    """Train ``cfg`` on ``data`` with ``seed``, resuming from ``checkpoint`` if it holds epochs.
+def seed_stream(device: torch.device) -> torch.Generator:
+    """A seed's own random stream, in the state a solo run's global stream has right after the
+    seed's model was built (call it then): the same dropout masks, gate noise and node drops."""
+    if device.type == "cuda":  # the model is built on the CPU: the CUDA stream is still fresh
+        return torch.Generator(device).manual_seed(torch.initial_seed())
+    stream = torch.Generator()
+    stream.set_state(torch.get_rng_state())
+    return stream
 
-    Calls ``on_epoch`` after every epoch (also for the epochs restored from the checkpoint) and
-    saves the checkpoint after it. Raises TrainingError when the training loss is not finite.
-    """
+
+@dataclass
+class SeedRun:
+    """One seed's training state."""
+
+    seed: int
+    model: MolGNN
+    optimizer: torch.optim.Optimizer
+    shuffle: torch.Generator  # the order of its training graphs
+    stream: torch.Generator | None  # its random numbers; None: torch's global state (solo)
+    loader: DataLoader
+    checkpoint: SeedCheckpoint
+    records: list[EpochRecord] = field(default_factory=list)
+    best: EpochRecord | None = None
+    elapsed: float = 0.0  # training seconds before this process
+
+
+def start_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.device,
+               checkpoint: SeedCheckpoint, own_stream: bool, resume: bool) -> SeedRun:
+    """Build seed ``seed``'s model, optimizer and random streams, restored from ``checkpoint``
+    when ``resume`` and it holds epochs."""
     seed_everything(seed)
     model = build_model(cfg.model, cfg.moe, data.num_tasks).to(device)
-    optimizer = build_optimizer(model, cfg.trainer.lr)
-    t = cfg.trainer
+    stream = seed_stream(device) if own_stream else None
     shuffle = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(data.graphs[data.split["train"]], batch_size=t.batch_size,
-                              shuffle=True, generator=shuffle, num_workers=t.num_workers)
-    valid_loader = DataLoader(data.graphs[data.split["valid"]], batch_size=t.eval_batch_size,
-                              num_workers=t.num_workers)
-    test_loader = DataLoader(data.graphs[data.split["test"]], batch_size=t.eval_batch_size,
-                             num_workers=t.num_workers)
-    evaluator = Evaluator(data.name)
-    metric = data.eval_metric
-
-    records: list[EpochRecord] = []
-    best: EpochRecord | None = None
-    elapsed = 0.0
-    state = checkpoint.load(model.state_dict()) if cfg.trainer.resume else None
+    loader = DataLoader(data.graphs[data.split["train"]], batch_size=cfg.trainer.batch_size,
+                        shuffle=True, generator=shuffle, num_workers=cfg.trainer.num_workers)
+    run = SeedRun(seed, model, build_optimizer(model, cfg.trainer.lr), shuffle, stream, loader,
+                  checkpoint)
+    state = checkpoint.load(model.state_dict()) if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"], shuffle)
-        records = [EpochRecord(**r) for r in state["records"]]
-        elapsed = state["wall_seconds"]
-        for record in records:
-            if is_better(metric, record.valid, best.valid if best else None):
-                best = record
-            on_epoch(record)
-        log.info("seed %d: resumed after epoch %d from %s", seed, len(records),
+        run.optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"], shuffle, stream)
+        run.records = [EpochRecord(**r) for r in state["records"]]
+        run.elapsed = state["wall_seconds"]
+        for record in run.records:
+            if is_better(data.eval_metric, record.valid, run.best.valid if run.best else None):
+                run.best = record
+        log.info("seed %d: resumed after epoch %d from %s", seed, len(run.records),
                  checkpoint.state_path)
+    return run
 
-    start = time.perf_counter() - elapsed
-    for epoch in range(len(records) + 1, t.epochs + 1):
+
+def run_seeds(cfg: TrainConfig, data: MolDataset, seeds: list[int], device: torch.device,
+              on_epoch: Callable[[int, EpochRecord], None],
+              checkpoints: dict[int, SeedCheckpoint]) -> dict[int, SeedResult | TrainingError]:
+    """Train ``cfg`` on ``data`` for each of ``seeds`` together, in lockstep (one seed: alone, on
+    torch's global random state, as it always has), resuming from their checkpoints.
+
+    Calls ``on_epoch(seed, record)`` after every epoch (also for the epochs restored from a
+    checkpoint) and saves the seed's checkpoint after it. Seeds resumed at different epochs train
+    in separate groups. A seed whose loss or weights stop being finite gets a TrainingError; the
+    others go on.
+    """
+    runs = [start_seed(cfg, data, seed, device, checkpoints[seed], len(seeds) > 1,
+                       cfg.trainer.resume) for seed in seeds]
+    for run in runs:
+        for record in run.records:
+            on_epoch(run.seed, record)
+    results: dict[int, SeedResult | TrainingError] = {}
+    for epochs_done in sorted({len(run.records) for run in runs}):
+        group = [run for run in runs if len(run.records) == epochs_done]
+        _train_group(cfg, data, group, device, on_epoch, results)
+    return results
+
+
+def _train_group(cfg: TrainConfig, data: MolDataset, runs: list[SeedRun], device: torch.device,
+                 on_epoch: Callable[[int, EpochRecord], None],
+                 results: dict[int, SeedResult | TrainingError]) -> None:
+    """Train ``runs`` (all at the same epoch) to the last epoch; put each seed's result (or
+    TrainingError) in ``results``."""
+    t = cfg.trainer
+    # Their own generator: a loader without one draws its base seed from torch's global stream
+    # at every pass, which would shift a solo seed's dropout masks away from its grouped run's.
+    valid_loader, test_loader = (
+        DataLoader(data.graphs[data.split[split]], batch_size=t.eval_batch_size,
+                   num_workers=t.num_workers, generator=torch.Generator())
+        for split in ("valid", "test"))
+    evaluator = Evaluator(data.name)
+    metric = data.eval_metric
+    saved: set[int] = set()  # seeds whose checkpoint this process wrote
+    start = time.perf_counter()
+    epoch = len(runs[0].records)
+    while runs and epoch < t.epochs:
+        epoch += 1
+        models = [run.model for run in runs]
+        streams = None if runs[0].stream is None else [run.stream for run in runs]
         try:
-            stats = train_epoch(model, train_loader, optimizer, device, data.task_type,
-                                cfg.dataset.drop_node_p, t.progress)
-            if not (math.isfinite(stats.task_loss) and math.isfinite(stats.aux_loss)):
-                raise TrainingError(f"the training loss became {stats.task_loss} (auxiliary "
-                                    f"{stats.aux_loss})")
-            valid = evaluate(model, valid_loader, evaluator, device, t.progress)
-            test = evaluate(model, test_loader, evaluator, device, t.progress)
+            stats = train_epoch(models, [run.loader for run in runs],
+                                [run.optimizer for run in runs], device, data.task_type,
+                                cfg.dataset.drop_node_p, t.progress, streams)
+            diverged = {i: f"the training loss became {s.task_loss} (auxiliary {s.aux_loss})"
+                        for i, s in enumerate(stats)
+                        if not (math.isfinite(s.task_loss) and math.isfinite(s.aux_loss))}
+            if not diverged:
+                valid = evaluate(models, valid_loader, evaluator, device, t.progress)
+                test = evaluate(models, test_loader, evaluator, device, t.progress)
         except (TrainingError, ValueError, RuntimeError) as err:
             # A diverged model fails anywhere (NaN in the gate's Normal, in the metric, ...).
-            if isinstance(err, TrainingError):
-                reason = str(err)
-            elif all(p.isfinite().all() for p in model.parameters()):
+            broken = [i for i, m in enumerate(models)
+                      if not all(p.isfinite().all() for p in m.parameters())]
+            if isinstance(err, NonFinitePredictions):
+                broken = sorted(set(broken) | set(err.seeds))
+            if not broken:
                 raise
-            else:  # describe_error: the first line only, the rest can be a tensor of NaN
-                reason = f"its weights are no longer finite ({describe_error(err)})"
-            raise TrainingError(f"seed {seed} diverged in epoch {epoch}: {reason}. Lower trainer.lr "
-                                "or moe.loss_weight; the other seeds and finished results are kept."
-                                ) from err
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=stats.task_loss,
-            aux_loss=stats.aux_loss,
-            valid=valid,
-            test=test,
-            train_seconds=stats.seconds,
-            graphs_per_second=stats.graphs / max(stats.seconds, 1e-9),
-            skipped_batches=stats.skipped_batches,
-            routing=routing_shares(stats),
-        )
-        records.append(record)
-        if is_better(metric, record.valid, best.valid if best else None):
-            best = record
-            # before the checkpoint: a resumed run repeats an epoch whose best weights may be missing
-            checkpoint.save_best_model(model.state_dict())
-        log.info("seed %d epoch %d/%d: loss %.4f aux %.4f valid %s %.4f test %.4f (%.1fs)",
-                 seed, epoch, t.epochs, record.train_loss, record.aux_loss, metric,
-                 record.valid, record.test, record.train_seconds)
-        on_epoch(record)
-        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "rng": rng_state(shuffle), "records": [asdict(r) for r in records],
-                         "wall_seconds": time.perf_counter() - start})
-    assert best is not None
-    return SeedResult(seed=seed, best_epoch=best.epoch, valid=best.valid, test=best.test,
-                      wall_seconds=time.perf_counter() - start,
-                      num_parameters=sum(p.numel() for p in model.parameters()),
-                      commit=code_commit(), epochs=records)
+            # describe_error: the first line only, the rest can be a tensor of NaN
+            reason = (f"its weights are no longer finite ({describe_error(err)})"
+                      if not isinstance(err, TrainingError) else str(err))
+            diverged = dict.fromkeys(broken, reason)
+        if diverged:
+            for i, reason in diverged.items():
+                run = runs[i]
+                results[run.seed] = TrainingError(
+                    f"seed {run.seed} diverged in epoch {epoch}: {reason}. Lower trainer.lr or "
+                    "moe.loss_weight; the other seeds and finished results are kept.")
+                log.error("%s", results[run.seed])
+            # the others restart the epoch from their last checkpoint (or from scratch)
+            runs = [start_seed(cfg, data, run.seed, device, run.checkpoint, run.stream is not None,
+                               run.seed in saved or t.resume)
+                    for i, run in enumerate(runs) if i not in diverged]
+            epoch -= 1
+            start = time.perf_counter()
+            continue
+        for run, s, v, te in zip(runs, stats, valid, test, strict=True):
+            record = EpochRecord(
+                epoch=epoch, train_loss=s.task_loss, aux_loss=s.aux_loss, valid=v, test=te,
+                train_seconds=s.seconds, graphs_per_second=s.graphs / max(s.seconds, 1e-9),
+                skipped_batches=s.skipped_batches, routing=routing_shares(s))
+            run.records.append(record)
+            if is_better(metric, record.valid, run.best.valid if run.best else None):
+                run.best = record
+                # before the checkpoint: a resumed run repeats an epoch whose best weights may be
+                # missing
+                run.checkpoint.save_best_model(run.model.state_dict())
+            log.info("seed %d epoch %d/%d: loss %.4f aux %.4f valid %s %.4f test %.4f (%.1fs)",
+                     run.seed, epoch, t.epochs, record.train_loss, record.aux_loss, metric,
+                     record.valid, record.test, record.train_seconds)
+            on_epoch(run.seed, record)
+            run.checkpoint.save({"model": run.model.state_dict(),
+                                 "optimizer": run.optimizer.state_dict(),
+                                 "rng": rng_state(run.shuffle, run.stream),
+                                 "records": [asdict(r) for r in run.records],
+                                 "wall_seconds": run.elapsed + time.perf_counter() - start})
+            saved.add(run.seed)
+    for run in runs:
+        assert run.best is not None
+        results[run.seed] = SeedResult(
+            seed=run.seed, best_epoch=run.best.epoch, valid=run.best.valid, test=run.best.test,
+            wall_seconds=run.elapsed + time.perf_counter() - start,
+            num_parameters=sum(p.numel() for p in run.model.parameters()),
+            commit=code_commit(), epochs=run.records)

@@ -183,7 +183,8 @@ class HopPairs(NamedTuple):
 
 
 def grouped_gcn(x: Tensor, targets: ExpertSlots, hops: list[HopPairs], deg: Tensor,
-                convs: Sequence[OGBGCNConv], every_source: bool) -> Tensor:
+                convs: Sequence[OGBGCNConv], all_sources: Tensor | None = None,
+                num_seeds: int = 1) -> Tensor:
     r"""Every expert's :class:`OGBGCNConv` for its routed nodes: ``[n * width, D]``, padding rows 0.
 
     .. math::
@@ -191,17 +192,19 @@ def grouped_gcn(x: Tensor, targets: ExpertSlots, hops: list[HopPairs], deg: Tens
         {\sqrt{d_i d_j}} + \frac{\mathrm{ReLU}(W_e x_i + b_e + r_e)}{d_i}
 
     ``W_e x_j`` is computed once for each (node, expert) pair that sends or receives: the
-    routed nodes and their neighbours, laid out per expert like the targets; with
-    ``every_source``, for every node and expert as one product (cheaper when most nodes send to
-    most experts). ``deg`` [P] is each pair's degree over its expert's graph.
+    routed nodes and their neighbours, laid out per expert like the targets. ``all_sources``
+    ``[N, n' D]``, when the caller computed it (cheaper when most nodes send to most experts),
+    holds every node's ``W_e x_j + b_e`` for each of the ``n'`` experts of its own seed, expert
+    ``e`` of a seed being group ``e · num_seeds + seed``. ``deg`` [P] is each pair's degree over
+    its expert's graph.
     """
     num_nodes, n = x.size(0), targets.counts.numel()
-    if every_source:
-        weight = torch.cat([conv.linear.weight for conv in convs])  # [n·D, D]
-        bias = torch.cat([conv.linear.bias for conv in convs])
-        h = F.linear(x, weight, bias).view(num_nodes * n, -1)  # row j·n + e: W_e x_j + b_e
-        source_row = torch.cat([targets.node * n + targets.expert,
-                                *(h.pairs.src * n + h.pairs.expert for h in hops)])
+    if all_sources is not None:
+        per_node = all_sources.size(1) // x.size(1)  # n'
+        h = all_sources.reshape(num_nodes * per_node, -1)  # row j·n' + e: W_e x_j + b_e
+        source_row = torch.cat([targets.node * per_node + targets.expert // num_seeds,
+                                *(h.pairs.src * per_node + h.pairs.expert // num_seeds
+                                  for h in hops)])
     else:
         keys = torch.cat([targets.expert * num_nodes + targets.node,
                           *(h.pairs.expert * num_nodes + h.pairs.src for h in hops)])

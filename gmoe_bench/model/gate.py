@@ -6,6 +6,12 @@ deterministic with ``moe.noisy_gating=false``); ``dense``, a softmax over all ex
 each expert taking its top nodes (Zhou et al., 2022); ``random``, a frozen random top-k with equal
 weights, a control without learned routing. Every gate returns a :class:`Routing`: (node, expert,
 weight) pairs, node-major, that the layer's dispatch consumes whatever their number per node.
+
+A gate is split in two steps so that the gates of several seeds trained together
+(:mod:`gmoe_bench.model.seed_group`) run as one: :meth:`projections` are the per-node linear maps
+(``x @ W``, one product for all seeds there), :meth:`route` the rest, given those products, the
+standard normal noise (drawn by the caller, from each seed's own stream) and the seeds' row
+:class:`Segments`, over which importance and load are summed per seed.
 """
 
 from __future__ import annotations
@@ -22,15 +28,42 @@ NOISE_EPSILON = 1e-2  # floor of the noise scale, as in Shazeer et al. and the o
 
 
 def cv_squared(x: Tensor) -> Tensor:
-    r"""Squared coefficient of variation :math:`\mathrm{Var}(x) / (\mathrm{mean}(x)^2 + 10^{-10})`.
+    r"""Squared coefficient of variation :math:`\mathrm{Var}(x) / (\mathrm{mean}(x)^2 + 10^{-10})`
+    over the last dimension (``[n] -> []``, ``[S, n] -> [S]``).
 
     Zero when all entries are equal (and for a single entry); grows as ``x`` grows uneven. Uses
     the unbiased variance, as the official GMoE code does.
     """
-    if x.numel() < 2:
-        return x.new_zeros(())
+    if x.size(-1) < 2:
+        return x.new_zeros(x.shape[:-1])
     x = x.float()
-    return x.var() / (x.mean() ** 2 + 1e-10)
+    return x.var(-1) / (x.mean(-1) ** 2 + 1e-10)
+
+
+class Segments(NamedTuple):
+    """Rows split into contiguous runs, one per seed of a group trained together."""
+
+    index: Tensor  # [N] run of each row, ascending
+    sizes: list[int]  # rows per run
+
+
+def _per_segment(values: Tensor, segments: Segments | None) -> Tensor:
+    """``[N, n]`` summed over the rows of each segment: ``[S, n]``, or ``[n]`` without segments."""
+    if segments is None:
+        return values.sum(0)
+    out = values.new_zeros(len(segments.sizes), values.size(1))
+    return out.index_add(0, segments.index, values)
+
+
+def _counts(node: Tensor, expert: Tensor, num_experts: int, segments: Segments | None,
+            dtype: torch.dtype) -> Tensor:
+    """Pairs per expert: ``[n]``, or ``[S, n]`` per segment."""
+    if segments is None:
+        return torch.bincount(expert, minlength=num_experts).to(dtype)
+    keys = segments.index[node] * num_experts + expert
+    num_segments = len(segments.sizes)
+    counts = torch.bincount(keys, minlength=num_segments * num_experts)
+    return counts.view(num_segments, num_experts).to(dtype)
 
 
 class Routing(NamedTuple):
@@ -39,8 +72,8 @@ class Routing(NamedTuple):
     node: Tensor  # [P]
     expert: Tensor  # [P]
     weight: Tensor  # [P]
-    importance: Tensor  # [n] sum over nodes of the gate values
-    load: Tensor  # [n] (smooth estimate of the) number of nodes routed to each expert
+    importance: Tensor  # [n] (or [S, n] per seed) sum over nodes of the gate values
+    load: Tensor  # [n] (or [S, n]) (smooth estimate of the) number of nodes routed to each expert
 
     def dense_gates(self, num_nodes: int, num_experts: int) -> Tensor:  # [N, n], 0 if unchosen
         gates = self.weight.new_zeros(num_nodes, num_experts)
@@ -79,26 +112,44 @@ class NoisyTopKGate(nn.Module):
         nn.init.zeros_(self.w_gate)
         nn.init.zeros_(self.w_noise)
 
-    def logits(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Clean logits, the logits used (noisy in training with ``noisy``), and the noise scale."""
-        clean = x @ self.w_gate  # [N, n]
-        if not (self.noisy and self.training):
-            return clean, clean, None
-        noise_std = F.softplus(x @ self.w_noise) + NOISE_EPSILON
-        return clean, clean + torch.randn_like(clean) * noise_std, noise_std
+    @property
+    def weights(self) -> list[Tensor]:
+        """The per-node linear maps :meth:`route` needs, ``[D, n]`` each."""
+        return [self.w_gate, self.w_noise] if self.draws_noise else [self.w_gate]
+
+    @property
+    def draws_noise(self) -> bool:
+        return self.noisy and self.training
 
     def forward(self, x: Tensor) -> Routing:  # x: [N, D]
-        clean, logits, noise_std = self.logits(x)
+        projections = [x @ w for w in self.weights]  # [N, n] each
+        noise = torch.randn_like(projections[0]) if self.draws_noise else None
+        return self.route(projections, noise, None)
+
+    def logits(self, projections: list[Tensor], noise: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Clean logits, the logits used (noisy in training with ``noisy``), and the noise scale."""
+        clean = projections[0]  # [N, n]
+        if noise is None:
+            return clean, clean, None
+        noise_std = F.softplus(projections[1]) + NOISE_EPSILON
+        return clean, clean + noise * noise_std, noise_std
+
+    def route(self, projections: list[Tensor], noise: Tensor | None,
+              segments: Segments | None) -> Routing:
+        """The routing, given ``x @ w`` for each of :attr:`weights`, standard normal ``noise``
+        ``[N, n]`` (when :attr:`draws_noise`) and the seeds' segments (None for one seed)."""
+        clean, logits, noise_std = self.logits(projections, noise)
         k = self.top_k
         top_logits, top_index = logits.topk(min(k + 1, self.num_experts), dim=1)
         top_weight = torch.softmax(top_logits[:, :k], dim=1)
         node, expert, weight = _top_k_pairs(top_index[:, :k], top_weight)
-        importance = top_weight.new_zeros(x.size(0), self.num_experts).scatter(
-            1, top_index[:, :k], top_weight).sum(0)
+        importance = _per_segment(top_weight.new_zeros(clean.shape).scatter(
+            1, top_index[:, :k], top_weight), segments)
         if noise_std is not None and k < self.num_experts:
-            load = self._prob_in_top_k(clean, logits, noise_std, top_logits).sum(0)
+            load = _per_segment(self._prob_in_top_k(clean, logits, noise_std, top_logits), segments)
         else:
-            load = torch.bincount(expert, minlength=self.num_experts).to(x.dtype)
+            load = _counts(node, expert, self.num_experts, segments, clean.dtype)
         return Routing(node, expert, weight, importance, load)
 
     def _prob_in_top_k(self, clean: Tensor, noisy: Tensor, noise_std: Tensor,
@@ -118,13 +169,14 @@ class DenseGate(NoisyTopKGate):
     (``H`` as in :class:`NoisyTopKGate`); the load is then the same for every expert, so only the
     importance term balances. ``top_k`` is not used."""
 
-    def forward(self, x: Tensor) -> Routing:
-        _, logits, _ = self.logits(x)
+    def route(self, projections: list[Tensor], noise: Tensor | None,
+              segments: Segments | None) -> Routing:
+        _, logits, _ = self.logits(projections, noise)
         probs = torch.softmax(logits, dim=1)  # [N, n]
-        index = torch.arange(self.num_experts, device=x.device).expand_as(probs)
+        index = torch.arange(self.num_experts, device=probs.device).expand_as(probs)
         node, expert, weight = _top_k_pairs(index, probs)
-        load = probs.new_full((self.num_experts,), float(x.size(0)))
-        return Routing(node, expert, weight, probs.sum(0), load)
+        load = _per_segment(torch.ones_like(probs), segments)  # every node at every expert
+        return Routing(node, expert, weight, _per_segment(probs, segments), load)
 
 
 class ExpertChoiceGate(NoisyTopKGate):
@@ -133,19 +185,28 @@ class ExpertChoiceGate(NoisyTopKGate):
     :math:`P_{ie}`: on average k experts per node, some nodes none, every expert exactly C nodes.
     ``C`` follows the number of nodes of the batch."""
 
-    def forward(self, x: Tensor) -> Routing:
-        _, logits, _ = self.logits(x)
+    def route(self, projections: list[Tensor], noise: Tensor | None,
+              segments: Segments | None) -> Routing:
+        _, logits, _ = self.logits(projections, noise)
         probs = torch.softmax(logits, dim=1)  # [N, n]
-        num_nodes, n = probs.shape
-        capacity = min(num_nodes, math.ceil(self.top_k * num_nodes / n))
-        chosen = probs.topk(capacity, dim=0).indices  # [C, n]
-        node = chosen.T.flatten()
-        expert = torch.arange(n, device=x.device).repeat_interleave(capacity)
+        n = probs.size(1)
+        # each seed's experts choose among that seed's nodes only
+        sizes = [probs.size(0)] if segments is None else segments.sizes
+        nodes, start = [], 0
+        for size in sizes:
+            capacity = min(size, math.ceil(self.top_k * size / n))
+            nodes.append(probs[start : start + size].topk(capacity, dim=0).indices.T.flatten()
+                         + start)  # [n·C]: expert-major
+            start += size
+        node = torch.cat(nodes)
+        expert = torch.cat([torch.arange(n, device=probs.device).repeat_interleave(c.numel() // n)
+                            for c in nodes])
         order = torch.argsort(node * n + expert)  # node-major
         node, expert = node[order], expert[order]
         weight = probs[node, expert]
-        importance = probs.new_zeros(n).index_add(0, expert, weight)
-        load = torch.bincount(expert, minlength=n).to(x.dtype)
+        importance = _per_segment(probs.new_zeros(probs.shape).index_put((node, expert), weight),
+                                  segments)
+        load = _counts(node, expert, n, segments, probs.dtype)
         return Routing(node, expert, weight, importance, load)
 
 
@@ -160,18 +221,31 @@ class RandomGate(nn.Module):
         self.top_k = top_k
         self.register_buffer("projection", torch.randn(in_dim, num_experts))
 
+    draws_noise = False
+
     def reset_parameters(self) -> None:
         self.projection.normal_()
 
+    @property
+    def weights(self) -> list[Tensor]:
+        return [self.projection]
+
     def forward(self, x: Tensor) -> Routing:
-        top_index = (x.detach() @ self.projection).topk(self.top_k, dim=1).indices
-        top_weight = x.new_full(top_index.shape, 1.0 / self.top_k)
+        return self.route([x.detach() @ self.projection], None, None)
+
+    def route(self, projections: list[Tensor], noise: Tensor | None,
+              segments: Segments | None) -> Routing:
+        top_index = projections[0].detach().topk(self.top_k, dim=1).indices
+        top_weight = projections[0].new_full(top_index.shape, 1.0 / self.top_k)
         node, expert, weight = _top_k_pairs(top_index, top_weight)
-        counts = torch.bincount(expert, minlength=self.num_experts).to(x.dtype)
+        counts = _counts(node, expert, self.num_experts, segments, top_weight.dtype)
         return Routing(node, expert, weight, counts / self.top_k, counts)
 
 
-def build_gate(kind: str, in_dim: int, num_experts: int, top_k: int, noisy: bool) -> nn.Module:
+Gate = NoisyTopKGate | RandomGate
+
+
+def build_gate(kind: str, in_dim: int, num_experts: int, top_k: int, noisy: bool) -> Gate:
     """The gate ``moe.gate`` names (a ``gmoe_bench.config.Gate``)."""
     if kind == "random":
         return RandomGate(in_dim, num_experts, top_k)

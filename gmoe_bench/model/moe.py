@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmoe_bench.model.conv import CONVS, OGBGCNConv
@@ -30,9 +32,9 @@ class HopGraph(NamedTuple):
 class LayerStats(NamedTuple):
     """What a GMoE layer reports besides its output."""
 
-    importance_loss: Tensor  # CV² of expert importance
+    importance_loss: Tensor  # CV² of expert importance ([S]: per seed of a group)
     load_loss: Tensor  # CV² of expert load
-    expert_counts: Tensor  # [n] nodes routed to each expert (detached)
+    expert_counts: Tensor  # [n] ([S, n]) nodes routed to each expert (detached)
 
 
 class GMoELayer(nn.Module):
@@ -76,50 +78,69 @@ class GMoELayer(nn.Module):
 
     def forward(self, x: Tensor, hop1: HopGraph, hop2: HopGraph | None) -> tuple[Tensor, LayerStats]:
         routing = self.gate(x)
-        run = self._sparse if self.dispatch == "sparse" else self._dense
-        out = run(x, routing, hop1, hop2)
+        if self.dispatch == "sparse":
+            # with k ≥ n/2 experts per node nearly every node sends to every expert: one product
+            # for all is cheaper
+            all_sources = None
+            if is_gcn(self.convs) and 2 * routing.node.numel() >= self.num_experts * x.size(0):
+                all_sources = F.linear(x, torch.cat([conv.linear.weight for conv in self.convs]),
+                                       torch.cat([conv.linear.bias for conv in self.convs]))
+            out = run_experts(x, routing.node, routing.expert, routing.weight, self.convs,
+                              self.norms, self.num_hop1, hop1, hop2, all_sources)
+        else:
+            out = self._dense(x, routing, hop1, hop2)
         if self.combine == "mean":
             out = out / self.num_experts
         counts = torch.bincount(routing.expert, minlength=self.num_experts)
         return out, LayerStats(cv_squared(routing.importance), cv_squared(routing.load), counts)
 
-    def _graph(self, expert: int, hop1: HopGraph, hop2: HopGraph | None) -> HopGraph:
-        if expert < self.num_hop1:
-            return hop1
-        assert hop2 is not None, "hop-2 experts need the hop-2 graph"
-        return hop2
-
     def _dense(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None) -> Tensor:
         gates = routing.dense_gates(x.size(0), self.num_experts)  # [N, n]
         out = torch.zeros_like(x)
         for e, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            g = self._graph(e, hop1, hop2)
+            g = hop1 if e < self.num_hop1 else hop2
+            assert g is not None, "hop-2 experts need the hop-2 graph"
             y = norm(conv(x, g.edge_index, g.edge_attr, g.deg, x.size(0)))
             out = out + gates[:, e : e + 1] * y
         return out
 
-    def _sparse(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None) -> Tensor:
-        num_nodes, node = x.size(0), routing.node
-        targets = slots_of(routing.expert, node, self.num_experts, num_nodes)
-        hops: list[HopPairs] = []
-        deg = x.new_empty(node.numel())
-        for experts, graph in ((range(0, self.num_hop1), hop1),
-                               (range(self.num_hop1, self.num_experts), hop2)):
-            if not len(experts):
-                continue
-            assert graph is not None, "hop-2 experts need the hop-2 graph"
-            pairs = edge_pairs(graph.edge_index, targets, experts, num_nodes)
-            hops.append(HopPairs(pairs, graph.edge_attr, graph.deg, experts.start,
-                                 [self.convs[e].bond_encoder for e in experts]))
-            mine = (targets.expert >= experts.start) & (targets.expert < experts.stop)
-            deg = torch.where(mine, graph.deg[node], deg)
-        if isinstance(self.convs[0], OGBGCNConv):
-            # with k ≥ n/2 experts per node nearly every node sends to every expert: one product
-            # for all is cheaper
-            y = grouped_gcn(x, targets, hops, deg, self.convs,
-                            every_source=2 * node.numel() >= self.num_experts * num_nodes)
-        else:
-            y = grouped_gin(x, targets, hops, self.convs)
-        y = grouped_batch_norm(y, targets, self.norms)  # [n * width, D]
-        weighted = routing.weight[:, None] * y.index_select(0, targets.row)
-        return torch.zeros_like(x).index_add(0, node, weighted)
+
+def is_gcn(convs: Sequence[nn.Module]) -> bool:
+    return isinstance(convs[0], OGBGCNConv)
+
+
+def run_experts(x: Tensor, node: Tensor, expert: Tensor, weight: Tensor,
+                convs: Sequence[nn.Module], norms: Sequence[nn.BatchNorm1d], num_hop1: int,
+                hop1: HopGraph, hop2: HopGraph | None, all_sources: Tensor | None = None,
+                num_seeds: int = 1) -> Tensor:
+    r""":math:`h_i = \sum_p w_p\, \mathrm{BN}_{e_p}(\mathrm{conv}_{e_p}(x))_i` over the pairs
+    :math:`p = (i, e_p, w_p)` (node-major), each expert run only for its own nodes, all experts
+    as one grouped computation (:mod:`gmoe_bench.model.experts`): ``[N, D]``.
+
+    Experts ``0 .. num_hop1 - 1`` aggregate over ``hop1``, the others over ``hop2``. ``convs``
+    and ``norms`` may be any experts: a GMoE layer's, the experts of several seeds' layers, or
+    several seeds' backbone layers (each node routed to its own seed's, with weight 1).
+    GCN experts may be given ``all_sources``, every node's linear map by every expert of its seed
+    (see :func:`~gmoe_bench.model.experts.grouped_gcn`; expert ``e`` of seed ``s`` is then
+    ``e · num_seeds + s``).
+    """
+    num_nodes, num_experts = x.size(0), len(convs)
+    targets = slots_of(expert, node, num_experts, num_nodes)
+    hops: list[HopPairs] = []
+    deg = x.new_empty(node.numel())
+    for experts, graph in ((range(0, num_hop1), hop1), (range(num_hop1, num_experts), hop2)):
+        if not len(experts):
+            continue
+        assert graph is not None, "hop-2 experts need the hop-2 graph"
+        pairs = edge_pairs(graph.edge_index, targets, experts, num_nodes)
+        hops.append(HopPairs(pairs, graph.edge_attr, graph.deg, experts.start,
+                             [convs[e].bond_encoder for e in experts]))
+        mine = (targets.expert >= experts.start) & (targets.expert < experts.stop)
+        deg = torch.where(mine, graph.deg[node], deg)
+    if is_gcn(convs):
+        y = grouped_gcn(x, targets, hops, deg, convs, all_sources, num_seeds)
+    else:
+        y = grouped_gin(x, targets, hops, convs)
+    y = grouped_batch_norm(y, targets, norms)  # [n * width, D]
+    weighted = weight[:, None] * y.index_select(0, targets.row)
+    return torch.zeros_like(x).index_add(0, node, weighted)
