@@ -43,6 +43,16 @@ class BackboneLayer(nn.Module):
         return self.norm(h), None
 
 
+def hop_graphs(edge_index: Tensor, edge_attr: Tensor, num_nodes: int,
+               needs_hop2: bool) -> tuple[HopGraph, HopGraph | None]:
+    """The bonds, and the 2-hop paths when a hop-2 expert needs them, with their degrees."""
+    hop1 = HopGraph(edge_index, edge_attr, degree(edge_index[0], num_nodes) + 1)
+    if not needs_hop2:
+        return hop1, None
+    index2, attr2 = two_hop_edges(edge_index, edge_attr, num_nodes)
+    return hop1, HopGraph(index2, attr2, degree(index2[0], num_nodes) + 1)
+
+
 class ModelOutput(NamedTuple):
     logits: Tensor  # [G, num_tasks]
     aux_loss: Tensor  # λ · mean over layers of CV²(importance) + CV²(load); 0 without experts
@@ -108,13 +118,7 @@ class MolGNN(nn.Module):
         batch: Tensor,  # [N] graph of each atom
         num_graphs: int,
     ) -> ModelOutput:
-        num_nodes = x.size(0)
-        hop1 = HopGraph(edge_index, edge_attr, degree(edge_index[0], num_nodes) + 1)
-        hop2 = None
-        if self.needs_hop2:
-            index2, attr2 = two_hop_edges(edge_index, edge_attr, num_nodes)
-            hop2 = HopGraph(index2, attr2, degree(index2[0], num_nodes) + 1)
-
+        hop1, hop2 = hop_graphs(edge_index, edge_attr, x.size(0), self.needs_hop2)
         h = self.atom_encoder(x)
         virtual = None
         if self.virtual_node is not None:

@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import global_add_pool
-from torch_geometric.utils import degree
 
-from gmoe_bench.data.hop2 import two_hop_edges
 from gmoe_bench.model.experts import ExpertSlots, grouped_batch_norm
 from gmoe_bench.model.gate import Segments, cv_squared
-from gmoe_bench.model.gnn import MolGNN
+from gmoe_bench.model.gnn import MolGNN, hop_graphs
 from gmoe_bench.model.moe import GMoELayer, HopGraph, LayerStats, is_gcn, run_experts
 
 
@@ -195,11 +193,7 @@ def group_forward(
     nodes = seed_layout(node_sizes, x.device)
     graphs = seed_layout(graph_sizes, x.device)
     num_nodes = x.size(0)
-    hop1 = HopGraph(edge_index, edge_attr, degree(edge_index[0], num_nodes) + 1)
-    hop2 = None
-    if first.needs_hop2:
-        index2, attr2 = two_hop_edges(edge_index, edge_attr, num_nodes)
-        hop2 = HopGraph(index2, attr2, degree(index2[0], num_nodes) + 1)
+    hop1, hop2 = hop_graphs(edge_index, edge_attr, num_nodes, first.needs_hop2)
     ones = x.new_ones(num_nodes, dtype=torch.float)
 
     def drop(h: Tensor, layout: SeedLayout) -> Tensor:
