@@ -12,18 +12,24 @@ from hydra import compose, initialize_config_dir
 from gmoe_bench.config import CONFIG_DIR
 from gmoe_bench.train import train
 from tests.conftest import run_cli
-from tests.wandb_records import run_contents
+from tests.wandb_records import finished_runs
 
 
-def test_offline_runs_hold_the_metrics(small_mirror: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("seeds_per_group", [1, 2])
+def test_offline_runs_hold_the_metrics(small_mirror: Path, tmp_path: Path,
+                                       seeds_per_group: int) -> None:
+    """One W&B run per seed with its curves and best epoch, and one summary run, whether the
+    seeds train one at a time (logged live) or together (logged seed by seed at the end)."""
     proc = run_cli("moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2", "moe.loss_weight=1",
                    "seeds=[0,1]", "trainer.epochs=2", "logger.wandb.tags=[smoke]",
+                   f"trainer.seeds_per_group={seeds_per_group}",
                    # time for W&B to write its run files on a busy machine (15 s is not always)
                    "logger.wandb.timeout=120",
                    cwd=tmp_path, mirror=small_mirror, data_root=tmp_path / "data")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    runs = [run_contents(p) for p in sorted((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))]
+    runs = finished_runs(tmp_path / "run" / "wandb", count=3)  # 2 seeds and the summary
+    assert all("job_type" in r for r in runs), "a W&B run file has no run record"
     train_runs = sorted((r for r in runs if r["job_type"] == "train"), key=lambda r: r["name"])
     (summary_run,) = [r for r in runs if r["job_type"] == "summary"]
     assert len(train_runs) == 2

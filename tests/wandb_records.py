@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,16 @@ def run_contents(path: Path) -> dict[str, Any]:
             out["summary"].update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                    for item in record.summary.update})
     return out
+
+
+def finished_runs(folder: Path, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The contents of the ``count`` offline runs under ``folder``, once W&B's service has written
+    each one's run record and summary: it writes the files in the background, and ``wandb.finish``
+    can return before the last run's records are on disk."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [run_contents(p) for p in sorted(folder.glob("offline-run-*/*.wandb"))]
+        settled = len(runs) == count and all("job_type" in r and r["summary"] for r in runs)
+        if settled or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
