@@ -69,7 +69,9 @@ def job_command() -> str:
     return " ".join(map(shlex.quote, [Path(sys.argv[0]).name, *sys.argv[1:]]))
 
 
-def save_summary(summary: dict[str, Any], path: Path, start: float) -> None:
+def save_summary(summary: dict[str, Any], path: Path, start: float, seeds: list[int]) -> None:
+    """Write summary.json, its seeds in the config's order (finished ones are found first)."""
+    summary["seeds"].sort(key=lambda result: seeds.index(result["seed"]))
     if summary["seeds"]:
         summary["aggregate"] = aggregate(summary["seeds"])
     summary["wall_seconds"] = time.perf_counter() - start
@@ -179,9 +181,10 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
                 seed_checkpoints[seed].finish(result.to_dict())
             except TrainingError as err:  # the result is in summary.json all the same
                 log.warning("%s", err)
-        save_summary(summary, path, start)  # after every group: finished seeds are never lost
+        # after every group: finished seeds are never lost
+        save_summary(summary, path, start, typed.seeds)
     summary["complete"] = not summary["failed_seeds"]
-    save_summary(summary, path, start)
+    save_summary(summary, path, start, typed.seeds)
     if summary["seeds"]:
         wandb.log_aggregate(summary["seeds"], summary["aggregate"])
         line = summary_line(data.name, model_name, data.eval_metric, summary["aggregate"])

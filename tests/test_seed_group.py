@@ -117,9 +117,11 @@ def test_each_seed_follows_its_solo_curve(setting: str) -> None:
     probe = batches(1, step=99)[0]
 
     def predictions(model: MolGNN) -> torch.Tensor:
+        """Training-mode and evaluation-mode outputs (the latter read the running statistics)."""
         with torch.no_grad():
-            return model(probe.x, probe.edge_index, probe.edge_attr, probe.batch,
-                         probe.num_graphs).logits
+            out = [model.train(mode)(probe.x, probe.edge_index, probe.edge_attr, probe.batch,
+                                     probe.num_graphs).logits for mode in (False, True)]
+        return torch.cat(out)
 
     alone, alone_predictions = [], []
     for seed in range(3):
@@ -135,8 +137,10 @@ def test_each_seed_follows_its_solo_curve(setting: str) -> None:
     for seed in range(3):
         assert [row[seed] for row in together] == pytest.approx(alone[seed], rel=1e-4, abs=1e-6)
         assert len(set(alone[seed])) == steps  # the weights did move
-        torch.testing.assert_close(predictions(models[seed]), alone_predictions[seed], rtol=5e-3,
-                                   atol=1e-3)
+        # rounding-level gradients of biases before BatchNorm, which Adam turns into steps, move
+        # the running means a little (≤ 3e-3 here); another seed's statistics move them by ~0.1
+        torch.testing.assert_close(predictions(models[seed]), alone_predictions[seed], rtol=2e-2,
+                                   atol=5e-3)
 
 
 def test_a_seed_draws_the_same_random_numbers_alone_and_in_a_group(
@@ -181,7 +185,10 @@ def summary_of(tmp_path: Path, mirror: Path, name: str, *overrides: str,
 
 
 def curves(summary: dict) -> dict[int, list[float]]:
-    return {s["seed"]: [e["train_loss"] for e in s["epochs"]] for s in summary["seeds"]}
+    """Each seed's training loss, validation and test metric per epoch (the last two read the
+    BatchNorm running statistics: a seed given another's would show)."""
+    return {s["seed"]: [v for e in s["epochs"] for v in (e["train_loss"], e["valid"], e["test"])]
+            for s in summary["seeds"]}
 
 
 def test_grouped_run_matches_solo_run_and_resumes_exactly(

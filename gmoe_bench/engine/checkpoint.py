@@ -68,7 +68,11 @@ def restore_rng_state(state: dict[str, Any], shuffle: torch.Generator,
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
     elif stream.device.type == "cuda":
-        stream.set_state(state["cuda"][stream.device.index or 0])
+        # a checkpoint written without this GPU (e.g. on a CPU machine) leaves the fresh stream,
+        # as a solo run keeps torch's fresh CUDA state
+        saved = state.get("cuda", [])
+        if (stream.device.index or 0) < len(saved):
+            stream.set_state(saved[stream.device.index or 0])
     else:
         stream.set_state(state["torch"])
 

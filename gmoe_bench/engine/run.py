@@ -19,7 +19,7 @@ from gmoe_bench.config import TrainConfig
 from gmoe_bench.data.ogb import MolDataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state
 from gmoe_bench.engine.loop import EpochStats, NonFinitePredictions, evaluate, train_epoch
-from gmoe_bench.errors import ConfigError, TrainingError, describe_error
+from gmoe_bench.errors import ConfigError, TrainingError, UserError, describe_error
 from gmoe_bench.model import MolGNN, build_model
 from gmoe_bench.records import EpochRecord, SeedResult, code_commit, is_better
 
@@ -114,30 +114,36 @@ def start_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.devi
 
 def run_seeds(cfg: TrainConfig, data: MolDataset, seeds: list[int], device: torch.device,
               on_epoch: Callable[[int, EpochRecord], None],
-              checkpoints: dict[int, SeedCheckpoint]) -> dict[int, SeedResult | TrainingError]:
+              checkpoints: dict[int, SeedCheckpoint]) -> dict[int, SeedResult | Exception]:
     """Train ``cfg`` on ``data`` for each of ``seeds`` together, in lockstep (one seed: alone, on
     torch's global random state, as it always has), resuming from their checkpoints.
 
     Calls ``on_epoch(seed, record)`` after every epoch (also for the epochs restored from a
     checkpoint) and saves the seed's checkpoint after it. Seeds resumed at different epochs train
     in separate groups. A seed whose loss or weights stop being finite gets a TrainingError; the
-    others go on.
+    others go on. Any other failure of a group is given to that group's seeds (a UserError is
+    raised: bad input fails every seed alike).
     """
     runs = [start_seed(cfg, data, seed, device, checkpoints[seed], len(seeds) > 1,
                        cfg.trainer.resume) for seed in seeds]
     for run in runs:
         for record in run.records:
             on_epoch(run.seed, record)
-    results: dict[int, SeedResult | TrainingError] = {}
+    results: dict[int, SeedResult | Exception] = {}
     for epochs_done in sorted({len(run.records) for run in runs}):
         group = [run for run in runs if len(run.records) == epochs_done]
-        _train_group(cfg, data, group, device, on_epoch, results)
+        try:
+            _train_group(cfg, data, group, device, on_epoch, results)
+        except UserError:
+            raise
+        except Exception as err:  # fails this group's seeds only, not those already finished
+            results.update((run.seed, err) for run in group if run.seed not in results)
     return results
 
 
 def _train_group(cfg: TrainConfig, data: MolDataset, runs: list[SeedRun], device: torch.device,
                  on_epoch: Callable[[int, EpochRecord], None],
-                 results: dict[int, SeedResult | TrainingError]) -> None:
+                 results: dict[int, SeedResult | Exception]) -> None:
     """Train ``runs`` (all at the same epoch) to the last epoch; put each seed's result (or
     TrainingError) in ``results``."""
     t = cfg.trainer
