@@ -83,6 +83,26 @@ def matmul_peak(device: torch.device, size: int) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def kernel_profile(step: Any, batches: list, device: torch.device) -> dict[str, float]:
+    """Per training step: wall ms, ms the GPU spends in kernels and the number of kernels launched.
+    Kernel time far below wall time means the step is bound by launches and host work."""
+    if device.type != "cuda":
+        return {}
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for b in batches:
+            step(b)
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in kernels)
+    return {"profiled_step_ms": 1e3 * wall / len(batches),
+            "kernel_ms_per_step": busy_us / 1e3 / len(batches),
+            "kernels_per_step": len(kernels) / len(batches)}
+
+
 def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, evaluation: list,
             device: torch.device, epochs: int, flop_sample: int, together: int) -> dict[str, Any]:
     torch.manual_seed(0)
@@ -111,6 +131,7 @@ def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, eval
     sync(device)
     epoch_seconds = (time.perf_counter() - start) / epochs
 
+    profile = kernel_profile(step, train[:20], device)
     model.eval()
     sync(device)
     start = time.perf_counter()
@@ -120,20 +141,26 @@ def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, eval
     sync(device)
     eval_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    together_epoch, together_eval = measure_together(model_cfg, moe, train, evaluation, device,
-                                                     together)
+    try:
+        together_epoch, together_eval = measure_together(model_cfg, moe, train, evaluation,
+                                                         device, together)
+        together_error = None
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:  # keep the solo figures
+        together_epoch = together_eval = math.nan
+        together_error = f"{type(error).__name__}: {error}"[:300]
+        print(f"{name}: {together} seeds together failed: {together_error}", flush=True)
     groups = math.ceil(SEEDS / together)
     row = {"model": name, "together_epoch_s": together_epoch, "together_eval_s": together_eval,
            "together_row_minutes": groups * EPOCHS * (together_epoch + together_eval) / 60,
-           "train_epoch_s": epoch_seconds, "eval_s": eval_seconds,
+           "together_error": together_error, "train_epoch_s": epoch_seconds, "eval_s": eval_seconds,
            "graphs_per_s": epoch_graphs / epoch_seconds, "epoch_matmul_flops": epoch_flops,
            "achieved_flop_per_s": epoch_flops / epoch_seconds,
            "row_minutes": SEEDS * EPOCHS * (epoch_seconds + eval_seconds) / 60,
-           "peak_mem_mib": peak}
+           "peak_mem_mib": peak, **profile}
     print(f"{name}: train epoch {epoch_seconds:.2f} s, eval {eval_seconds:.2f} s, "
           f"{epoch_flops / 1e12:.2f} TFLOP per epoch, {SEEDS}×{EPOCHS} row ≈ "
           f"{row['row_minutes']:.1f} min one after another, "
-          f"{row['together_row_minutes']:.1f} min together", flush=True)
+          f"{row['together_row_minutes']:.1f} min together; profile {profile}", flush=True)
     return row
 
 
@@ -192,6 +219,14 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{100 * r['share_of_peak']:.2f}% | {r['row_minutes']:.1f} min | {peak} | "
                      f"{r['together_epoch_s']:.2f} | {r['together_eval_s']:.2f} | "
                      f"{r['together_row_minutes']:.1f} min |")
+    lines.append("")
+    for r in report["models"]:
+        if "kernels_per_step" in r:
+            lines.append(f"- {r['model']}, profile of 20 training steps: {r['profiled_step_ms']:.1f} ms "
+                         f"per step, of which the GPU is in kernels {r['kernel_ms_per_step']:.1f} ms; "
+                         f"{r['kernels_per_step']:.0f} kernels per step")
+        if r["together_error"]:
+            lines.append(f"- {r['model']}, seeds together failed: {r['together_error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -218,22 +253,23 @@ def main() -> None:
     peak = matmul_peak(device, 1024 if args.quick else 8192)
     print(f"{dataset} on {device}: {len(train)} training batches; fp32 matmul peak "
           f"{peak / 1e12:.1f} TFLOP/s", flush=True)
-    rows = []
-    for name, (model_cfg, moe) in MODELS.items():
-        row = measure(name, model_cfg, moe, train, evaluation, device, args.epochs,
-                      min(args.flop_sample, len(train)), args.together)
-        row["share_of_peak"] = row["achieved_flop_per_s"] / peak
-        rows.append(row)
     device_name = hardware(device)
     report = {"device": str(device), "device_name": device_name, "dataset": dataset,
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": code_commit(),
               "machine": platform.platform(), "torch": torch.__version__, "epochs": args.epochs,
-              "train_batches": len(train), "together": args.together, "peak_flop_per_s": peak, "models": rows,
-              "wall_seconds": time.perf_counter() - started}
+              "train_batches": len(train), "together": args.together, "peak_flop_per_s": peak,
+              "models": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_" + re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(report))
+    for name, (model_cfg, moe) in MODELS.items():
+        row = measure(name, model_cfg, moe, train, evaluation, device, args.epochs,
+                      min(args.flop_sample, len(train)), args.together)
+        row["share_of_peak"] = row["achieved_flop_per_s"] / peak
+        report["models"].append(row)
+        # Written after each model: a lease that ends mid-script keeps the finished rows.
+        report["wall_seconds"] = time.perf_counter() - started
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        (args.out / f"{stem}.md").write_text(markdown(report))
     print(f"written to {args.out / stem}.json and .md")
 
 
