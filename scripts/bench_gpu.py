@@ -104,7 +104,10 @@ def kernel_profile(step: Any, batches: list, device: torch.device) -> dict[str, 
 
 
 def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, evaluation: list,
-            device: torch.device, epochs: int, flop_sample: int, together: int) -> dict[str, Any]:
+            device: torch.device, epochs: int, flop_sample: int, together: int,
+            epoch_scale: float) -> dict[str, Any]:
+    """One model's figures; ``epoch_scale`` (full epoch's batches / timed batches) scales the timed
+    batches to a whole epoch."""
     torch.manual_seed(0)
     model = build_model(model_cfg, moe, 1).to(device)
     optimizer = build_optimizer(model, 1e-3)
@@ -120,7 +123,7 @@ def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, eval
         for b in train[:flop_sample]:
             step(b)
     sample_graphs = sum(b.num_graphs for b in train[:flop_sample])
-    epoch_graphs = sum(b.num_graphs for b in train)
+    epoch_graphs = sum(b.num_graphs for b in train) * epoch_scale
     epoch_flops = counter.get_total_flops() * epoch_graphs / sample_graphs
 
     sync(device)
@@ -129,7 +132,7 @@ def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, eval
         for b in train:
             step(b)
     sync(device)
-    epoch_seconds = (time.perf_counter() - start) / epochs
+    epoch_seconds = (time.perf_counter() - start) / epochs * epoch_scale
 
     profile = kernel_profile(step, train[:20], device)
     model.eval()
@@ -144,6 +147,7 @@ def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, eval
     try:
         together_epoch, together_eval = measure_together(model_cfg, moe, train, evaluation,
                                                          device, together)
+        together_epoch *= epoch_scale
         together_error = None
     except (RuntimeError, torch.cuda.OutOfMemoryError) as error:  # keep the solo figures
         together_epoch = together_eval = math.nan
@@ -204,7 +208,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"- command: `{report['command']}`", f"- commit: {report['commit']}",
              f"- machine: {report['machine']}, torch {report['torch']}",
              f"- dataset: {report['dataset']}, {report['train_batches']} training batches of 32, "
-             f"kept on the device; {report['epochs']} timed epoch(s) after 5 warm-up steps",
+             f"kept on the device; {report['epochs']} timed pass(es) over them after 5 warm-up "
+             f"steps; epoch figures scaled by {report.get('epoch_scale', 1.0):.2f} to a whole epoch",
              f"- measured fp32 matrix-product peak: {report['peak_flop_per_s'] / 1e12:.1f} TFLOP/s",
              f"- wall time of the script: {report['wall_seconds']:.0f} s", "",
              "| model | train epoch s | eval s | graphs/s | matmul TFLOP per epoch | share of peak "
@@ -236,6 +241,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="timed training epochs per model")
     parser.add_argument("--flop-sample", type=int, default=20, help="steps counted for FLOPs")
     parser.add_argument("--quick", action="store_true", help="20 batches per split (smoke test)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="time this many training batches, scaled to a whole epoch")
     parser.add_argument("--together", type=int, default=SEEDS, help="seeds trained together")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args = parser.parse_args()
@@ -244,10 +251,11 @@ def main() -> None:
         sys.exit("bench_gpu.py: no CUDA device is visible; install a CUDA build of torch "
                  "(make install TORCH_SPEC=...) or pass --device cpu --quick for a smoke test.")
     started = time.perf_counter()
-    limit = 20 if args.quick else None
+    limit = 20 if args.quick else args.batches
     with tempfile.TemporaryDirectory() as tmp:
         data, dataset = molhiv_or_built(Path(tmp))
         train = device_batches(data, "train", 32, True, device, limit)
+        epoch_scale = 1.0 if args.quick else math.ceil(len(data.split["train"]) / 32) / len(train)
         evaluation = (device_batches(data, "valid", 256, False, device, limit)
                       + device_batches(data, "test", 256, False, device, limit))
     peak = matmul_peak(device, 1024 if args.quick else 8192)
@@ -257,13 +265,14 @@ def main() -> None:
     report = {"device": str(device), "device_name": device_name, "dataset": dataset,
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": code_commit(),
               "machine": platform.platform(), "torch": torch.__version__, "epochs": args.epochs,
-              "train_batches": len(train), "together": args.together, "peak_flop_per_s": peak,
+              "train_batches": len(train), "epoch_scale": epoch_scale, "together": args.together,
+              "peak_flop_per_s": peak,
               "models": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_" + re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
     for name, (model_cfg, moe) in MODELS.items():
         row = measure(name, model_cfg, moe, train, evaluation, device, args.epochs,
-                      min(args.flop_sample, len(train)), args.together)
+                      min(args.flop_sample, len(train)), args.together, epoch_scale)
         row["share_of_peak"] = row["achieved_flop_per_s"] / peak
         report["models"].append(row)
         # Written after each model: a lease that ends mid-script keeps the finished rows.
