@@ -16,7 +16,7 @@ from torch_geometric.loader import DataLoader
 
 from gmoe_bench.analysis.routing import chance_v, cramers_v
 from gmoe_bench.analysis.routing import main as routing_main
-from gmoe_bench.config import config_identity, validate
+from gmoe_bench.config import CONFIG_DIR, config_identity, validate
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.engine.loop import evaluate
@@ -214,3 +214,34 @@ def test_missing_folder_is_named(command, tmp_path: Path,
     assert command([str(missing), *args]) == 2
     assert f"{missing} does not exist." in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_suite_search_selects_lowest_rmse_and_reruns_at_the_paper_protocol(
+        tmp_path: Path, small_mirror: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """experiment=suite_search is the stated search (hop split × backbone, n=8, k=4, λ=1, 3 seeds ×
+    30 epochs); on a regression dataset gmoe-select takes the lowest validation RMSE, and its
+    overrides with trainer.epochs=100 (make reproduce-suite) compose that model at the protocol."""
+    search_cfg = compose_cfg(tmp_path, small_mirror, "+experiment=suite_search",
+                             "dataset=ogbg-molfreesolv")
+    assert search_cfg.trainer.epochs == 30 and list(search_cfg.seeds) == [0, 1, 2]
+    assert (search_cfg.moe.num_experts, search_cfg.moe.top_k, search_cfg.moe.loss_weight) == (8, 4, 1)
+    grid = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / "suite_search.yaml").hydra.sweeper.params
+    assert grid["model"] == "gcn,gin" and grid["experts"] == "n8_hop1,n8_half,n8_hop2"
+
+    search = tmp_path / "search"
+    for experts, rmse in (("n8_hop1", 2.0), ("n8_half", 1.8), ("n8_hop2", 1.5)):
+        config = OmegaConf.to_container(compose_cfg(
+            tmp_path, small_mirror, "+experiment=suite_search", "dataset=ogbg-molfreesolv",
+            f"experts={experts}"), resolve=True)
+        summary = {"dataset": "ogbg-molfreesolv", "model": "gcn", "metric": "rmse",
+                   "config": config, "provenance": {},
+                   "seeds": [{"seed": 0, "valid": rmse, "test": rmse}]}
+        (search / experts).mkdir(parents=True)
+        (search / experts / "summary.json").write_text(json.dumps(summary))
+    assert select_main([str(search), "--backbone", "gcn"]) == 0
+    overrides = shlex.split(capsys.readouterr().out)
+    assert "moe.num_hop2=8" in overrides and "trainer.epochs=30" in overrides
+    selected = compose_cfg(tmp_path, small_mirror, "+experiment=paper_selected", *overrides,
+                           "trainer.epochs=100")
+    assert selected.dataset.name == "ogbg-molfreesolv" and selected.moe.num_hop2 == 8
+    assert selected.trainer.epochs == 100 and len(selected.seeds) == 10
