@@ -1,0 +1,227 @@
+r"""Does GMoE gain more, and route more by structure, on structurally diverse datasets?
+
+The paper's second open question, across datasets. For every dataset this joins three things:
+
+- its heterogeneity, the mean entropy of molecule size, rings and atom degree
+  (``gmoe-heterogeneity``'s ``table.csv``);
+- GMoE's gain over its backbone. Per backbone, the gain comes from the GMoE row with the best
+  validation score among those that have a plain row under the same semantics (the paper's model
+  selection), taken from run or report folders. To compare ROC-AUC with RMSE the gain is made
+  relative,
+
+  .. math::
+      g = 100 \cdot s \cdot \frac{\bar y_\mathrm{GMoE} - \bar y_\mathrm{backbone}}
+      {|\bar y_\mathrm{backbone}|},
+
+  with :math:`s = +1` where higher is better and :math:`-1` where lower is (RMSE), so :math:`g > 0`
+  always means that GMoE is better;
+- optionally, how strongly routing follows atom structure: the mean Cramér's V of expert choice
+  against element, degree and ring membership over layers and seeds (``gmoe-routing``'s
+  ``routing_structure.json``).
+
+Spearman's rank correlation of heterogeneity with the gain (and with V) is given per backbone once
+at least :data:`MIN_DATASETS` datasets have one. Below that a correlation says nothing, and the
+report says so instead.
+
+    gmoe-structure-gain results/analysis_heterogeneity/table.csv \
+        --runs results/paper_molbbbp/digest.json multirun/suite \
+        [--routing results/analysis_molbbbp/routing/routing_structure.json] --out results/structure_gain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from gmoe_bench.records import display_scale, higher_is_better, write_atomic
+from gmoe_bench.reports.cli import dirs_exist, out_is_folder
+from gmoe_bench.reports.table import Gain, collect, gains
+
+MIN_DATASETS = 3  # fewer points than this make no rank correlation worth stating
+PROPERTIES = ("element", "degree", "ring")
+
+
+def chosen_gains(gain_list: list[Gain]) -> dict[tuple[str, str], Gain]:
+    """Per (dataset, backbone): the gain of the GMoE row with the best mean validation score."""
+    candidates: dict[tuple[str, str], list[Gain]] = {}
+    for gain in gain_list:
+        key = (gain.gmoe.dataset, gain.gmoe.config["model"]["backbone"])
+        candidates.setdefault(key, []).append(gain)
+    return {key: (max if higher_is_better(gs[0].gmoe.metric) else min)(
+                gs, key=lambda g: g.gmoe.mean_std("valid")[0])
+            for key, gs in candidates.items()}
+
+
+def relative_gain(gain: Gain) -> float:
+    """GMoE's improvement over its backbone, % of the backbone's test mean (> 0: GMoE better)."""
+    gmoe, backbone = gain.gmoe.mean_std("test")[0], gain.backbone.mean_std("test")[0]
+    sign = 1.0 if higher_is_better(gain.gmoe.metric) else -1.0
+    return 100.0 * sign * (gmoe - backbone) / abs(backbone)
+
+
+def routing_strength(paths: list[Path]) -> dict[str, float]:
+    """Per dataset: Cramér's V of routing against atom structure, the mean over properties, layers,
+    seeds and the configurations analysed."""
+    per_dataset: dict[str, list[float]] = {}
+    for path in paths:
+        for analysis in json.loads(path.read_text()):
+            values = [np.mean(seed["statistics"][prop]["cramers_v"])
+                      for seed in analysis["per_seed"] for prop in PROPERTIES
+                      if prop in seed["statistics"]]
+            if values:
+                per_dataset.setdefault(analysis["dataset"], []).append(float(np.mean(values)))
+    return {dataset: float(np.mean(v)) for dataset, v in per_dataset.items()}
+
+
+@dataclass
+class Correlation:
+    """Spearman's ρ across datasets, or why there is none."""
+
+    rho: float | None
+    p_value: float | None
+    datasets: int
+
+    def text(self) -> str:
+        if self.rho is None:
+            return (f"no correlation stated: {self.datasets} dataset(s), at least {MIN_DATASETS} "
+                    "needed")
+        return f"Spearman ρ = {self.rho:+.2f} (p = {self.p_value:.2f}, {self.datasets} datasets)"
+
+
+def correlation(x: list[float], y: list[float]) -> Correlation:
+    pairs = [(a, b) for a, b in zip(x, y, strict=True) if not (math.isnan(a) or math.isnan(b))]
+    if len(pairs) < MIN_DATASETS:
+        return Correlation(None, None, len(pairs))
+    result = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+    return Correlation(float(result.statistic), float(result.pvalue), len(pairs))
+
+
+def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, str], Gain],
+                         routing: dict[str, float]) -> pd.DataFrame:
+    """One row per (dataset, backbone) with a gain, datasets by decreasing heterogeneity."""
+    level = heterogeneity.set_index("dataset")["heterogeneity"]
+    rows = []
+    for (dataset, backbone), gain in chosen.items():
+        if dataset not in level.index:
+            continue
+        scale, d = display_scale(gain.gmoe.metric), gain.difference
+        rows.append({
+            "dataset": dataset, "heterogeneity": float(level[dataset]), "backbone": backbone,
+            "gmoe_row": gain.gmoe.label, "metric": gain.gmoe.metric,
+            "seeds": f"{len(gain.gmoe.seeds)} / {len(gain.backbone.seeds)}",
+            "difference": d.estimate * scale,
+            "interval_low": d.low * scale if d.defined else math.nan,
+            "interval_high": d.high * scale if d.defined else math.nan,
+            "verdict": gain.verdict, "relative_gain_pct": relative_gain(gain),
+            "cramers_v": routing.get(dataset, math.nan)})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    return table.sort_values(["heterogeneity", "backbone"], ascending=[False, True],
+                             ignore_index=True)
+
+
+def correlations(table: pd.DataFrame) -> dict[str, dict[str, Correlation]]:
+    """Per backbone: heterogeneity against the relative gain and against Cramér's V."""
+    out = {}
+    for backbone, rows in table.groupby("backbone"):
+        out[str(backbone)] = {
+            "gain": correlation(rows["heterogeneity"].tolist(), rows["relative_gain_pct"].tolist()),
+            "cramers_v": correlation(rows["heterogeneity"].tolist(), rows["cramers_v"].tolist())}
+    return out
+
+
+def markdown(table: pd.DataFrame, found: dict[str, dict[str, Correlation]]) -> str:
+    header = ["dataset", "heterogeneity (bits)", "backbone", "GMoE row (validation's choice)",
+              "seeds", "GMoE − backbone (test)", "95% interval (Welch)", "verdict",
+              "relative gain", "Cramér's V"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table.itertuples(index=False):
+        interval = ("n/a" if math.isnan(r.interval_low)
+                    else f"[{r.interval_low:+.2f}, {r.interval_high:+.2f}]")
+        v = "–" if math.isnan(r.cramers_v) else f"{r.cramers_v:.3f}"
+        lines.append("| " + " | ".join([
+            r.dataset, f"{r.heterogeneity:.3f}", r.backbone, r.gmoe_row, r.seeds,
+            f"{r.difference:+.2f} ({r.metric})", interval, r.verdict,
+            f"{r.relative_gain_pct:+.2f} %", v]) + " |")
+    lines.append("")
+    for backbone, found_b in found.items():
+        lines.append(f"- {backbone.upper()}: heterogeneity against GMoE's relative gain: "
+                     f"{found_b['gain'].text()}; against Cramér's V: {found_b['cramers_v'].text()}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """Heterogeneity against the relative gain, and against Cramér's V where measured."""
+    has_v = table["cramers_v"].notna().any()
+    fig, axes = plt.subplots(1, 2 if has_v else 1, figsize=(10 if has_v else 5.5, 4), squeeze=False)
+    for backbone, rows in table.groupby("backbone"):
+        for ax, column in zip(axes[0], ("relative_gain_pct", "cramers_v"), strict=False):
+            ax.scatter(rows["heterogeneity"], rows[column], label=str(backbone).upper())
+            for r in rows.itertuples(index=False):
+                ax.annotate(r.dataset.removeprefix("ogbg-mol"),
+                            (r.heterogeneity, getattr(r, column)), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    axes[0][0].axhline(0.0, color="grey", linewidth=0.8)
+    axes[0][0].set_ylabel("GMoE's gain over its backbone (% of the backbone, > 0: better)")
+    if has_v:
+        axes[0][1].set_ylabel("Cramér's V of routing against atom structure")
+    for ax in axes[0]:
+        ax.set_xlabel("heterogeneity (mean entropy, bits)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``gmoe-structure-gain``): table.md, table.csv and structure_gain.png."""
+    parser = argparse.ArgumentParser(prog="gmoe-structure-gain",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("heterogeneity", type=Path, help="gmoe-heterogeneity's table.csv")
+    parser.add_argument("--runs", nargs="+", type=Path, required=True,
+                        help="run or sweep folders, or report digest.json files, with GMoE and "
+                             "backbone rows")
+    parser.add_argument("--routing", nargs="*", type=Path, default=[],
+                        help="gmoe-routing's routing_structure.json files")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report")
+    args = parser.parse_args(argv)
+    prog = "gmoe-structure-gain"
+    if not (dirs_exist(prog, [args.heterogeneity, *args.runs, *args.routing])
+            and out_is_folder(prog, args.out)):
+        return 2
+    heterogeneity = pd.read_csv(args.heterogeneity)
+    if not {"dataset", "heterogeneity"} <= set(heterogeneity.columns):
+        print(f"{prog}: error: {args.heterogeneity} has no dataset and heterogeneity columns; "
+              "give the table.csv that gmoe-heterogeneity writes.", file=sys.stderr)
+        return 2
+    table = structure_gain_table(heterogeneity, chosen_gains(gains(collect(args.runs))),
+                                 routing_strength(args.routing))
+    if table.empty:
+        print(f"{prog}: error: no GMoE row with a backbone row under the same semantics on a "
+              "dataset of the heterogeneity table; give the folders of both rows.", file=sys.stderr)
+        return 2
+    found = correlations(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = markdown(table, found)
+    write_atomic(args.out / "table.md", lambda f: f.write(text.encode()))
+    write_atomic(args.out / "table.csv", lambda f: f.write(table.to_csv(index=False).encode()))
+    plot(table, args.out / "structure_gain.png")
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
