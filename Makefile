@@ -16,7 +16,7 @@ ifneq ($(wildcard ../shared/data/ogb),)
 export GMOE_DATA_MIRROR ?= $(abspath ../shared/data/ogb)
 endif
 
-.PHONY: help install train test lint sweep report bench bench-gpu reproduce-molbbbp reproduce-molhiv reproduce-suite analyses clean
+.PHONY: help install train test lint sweep report bench bench-gpu reproduce-molbbbp reproduce-molhiv reproduce-suite check-dataset analyses clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -65,8 +65,7 @@ reproduce-molhiv: $(STAMP)  ## the same for ogbg-molhiv (use a GPU: ARGS="traine
 # A suite table (any ogbg-mol* dataset, DATASET=ogbg-molfreesolv): the baselines with 10 seeds, the small
 # GMoE search (experiment=suite_search: 3 seeds × 30 epochs), the validation's choice per backbone at
 # the paper protocol (10 seeds × 100 epochs), then the table with GMoE's gain and its interval.
-reproduce-suite: $(STAMP)  ## a suite table for DATASET=ogbg-mol...: baselines, small GMoE search, selected configs (10 × 100), report
-	test -n "$(DATASET)" || { echo "reproduce-suite: name the dataset, e.g. make reproduce-suite DATASET=ogbg-molfreesolv."; exit 2; }
+reproduce-suite: check-dataset $(STAMP)  ## a suite table for DATASET=ogbg-mol...: baselines, small GMoE search, selected configs (10 × 100), report
 	$(BIN)/gmoe-train -m +experiment=paper_baselines dataset=$(DATASET) hydra.sweep.dir=multirun/suite/$(DATASET)/baselines $(ARGS)
 	$(BIN)/gmoe-train -m +experiment=suite_search dataset=$(DATASET) hydra.sweep.dir=multirun/suite/$(DATASET)/search $(ARGS)
 	for b in gcn gin; do \
@@ -75,6 +74,9 @@ reproduce-suite: $(STAMP)  ## a suite table for DATASET=ogbg-mol...: baselines, 
 	done
 	$(BIN)/gmoe-report multirun/suite/$(DATASET)/baselines multirun/suite/$(DATASET)/selected_gcn multirun/suite/$(DATASET)/selected_gin --out results/suite/$(DATASET)
 	$(BIN)/gmoe-report multirun/suite/$(DATASET)/search --out results/suite/$(DATASET)/search
+
+check-dataset:  # before anything is installed or trained
+	@test -n "$(DATASET)" || { echo "reproduce-suite: no dataset named; run e.g. make reproduce-suite DATASET=ogbg-molfreesolv." >&2; exit 2; }
 
 analyses: $(STAMP)  ## hop split, λ and equal-parameter comparisons on ogbg-molbbbp, reported (ARGS="trainer.epochs=30")
 	$(BIN)/gmoe-train -m +experiment=analysis_hops hydra.sweep.dir=multirun/analysis_molbbbp/hops $(ARGS)

@@ -149,9 +149,11 @@ def measure(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list, eval
                                                          device, together)
         together_epoch *= epoch_scale
         together_error = None
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:  # keep the solo figures
+    except RuntimeError as error:  # out of memory included: keep the solo figures
         together_epoch = together_eval = math.nan
         together_error = f"{type(error).__name__}: {error}"[:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next model is timed on a clean cache
         print(f"{name}: {together} seeds together failed: {together_error}", flush=True)
     groups = math.ceil(SEEDS / together)
     row = {"model": name, "together_epoch_s": together_epoch, "together_eval_s": together_eval,
@@ -201,6 +203,17 @@ def measure_together(model_cfg: ModelConfig, moe: MoEConfig, train: list, evalua
             group_forward(models, *join([graph] * together), None)
     sync(device)
     return epoch_seconds, time.perf_counter() - start
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN as None: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -256,8 +269,9 @@ def main() -> None:
         data, dataset = molhiv_or_built(Path(tmp))
         train = device_batches(data, "train", 32, True, device, limit)
         epoch_scale = 1.0 if args.quick else math.ceil(len(data.split["train"]) / 32) / len(train)
-        evaluation = (device_batches(data, "valid", 256, False, device, limit)
-                      + device_batches(data, "test", 256, False, device, limit))
+        eval_limit = 20 if args.quick else None  # --batches cuts training only: eval is unscaled
+        evaluation = (device_batches(data, "valid", 256, False, device, eval_limit)
+                      + device_batches(data, "test", 256, False, device, eval_limit))
     peak = matmul_peak(device, 1024 if args.quick else 8192)
     print(f"{dataset} on {device}: {len(train)} training batches; fp32 matmul peak "
           f"{peak / 1e12:.1f} TFLOP/s", flush=True)
@@ -277,7 +291,7 @@ def main() -> None:
         report["models"].append(row)
         # Written after each model: a lease that ends mid-script keeps the finished rows.
         report["wall_seconds"] = time.perf_counter() - started
-        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        (args.out / f"{stem}.json").write_text(json.dumps(_finite(report), indent=1))
         (args.out / f"{stem}.md").write_text(markdown(report))
     print(f"written to {args.out / stem}.json and .md")
 

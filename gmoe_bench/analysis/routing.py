@@ -147,6 +147,7 @@ class RoutingAnalysis:
 
     label: str
     dataset: str
+    backbone: str
     num_hop2: int
     top_k: int
     seeds: list[int]
@@ -163,7 +164,8 @@ class RoutingAnalysis:
         return np.mean([np.mean(s[prop]["hop2_share"], axis=0) for s in self.statistics()], axis=0)
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "dataset": self.dataset, "num_hop2": self.num_hop2,
+        return {"label": self.label, "dataset": self.dataset, "backbone": self.backbone,
+                "num_hop2": self.num_hop2,
                 "seeds": self.seeds,
                 "per_seed": [{"seed": seed, "counts": {k: v.tolist() for k, v in counts.items()},
                               "statistics": stats}
@@ -273,7 +275,8 @@ def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
                             "Delete the seed's .json beside it and re-run the same command to "
                             "train it again.") from err
         counts.append(routing_counts(model, loader, torch.device("cpu")))
-    return RoutingAnalysis(result.label, result.dataset, cfg.moe.num_hop2, cfg.moe.top_k,
+    return RoutingAnalysis(result.label, result.dataset, cfg.model.backbone, cfg.moe.num_hop2,
+                           cfg.moe.top_k,
                            sorted(s["seed"] for s in result.seeds), counts)
 
 

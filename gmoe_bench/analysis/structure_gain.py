@@ -16,12 +16,13 @@ The paper's second open question, across datasets. For every dataset this joins 
   with :math:`s = +1` where higher is better and :math:`-1` where lower is (RMSE), so :math:`g > 0`
   always means that GMoE is better;
 - optionally, how strongly routing follows atom structure: the mean Cramér's V of expert choice
-  against element, degree and ring membership over layers and seeds (``gmoe-routing``'s
-  ``routing_structure.json``).
+  against element, degree and ring membership over layers, seeds and the configurations of that
+  backbone analysed (``gmoe-routing``'s ``routing_structure.json``).
 
 Spearman's rank correlation of heterogeneity with the gain (and with V) is given per backbone once
-at least :data:`MIN_DATASETS` datasets have one. Below that a correlation says nothing, and the
-report says so instead.
+at least :data:`MIN_DATASETS` datasets have one, with its exact permutation p-value (over all
+orderings: the asymptotic one is wrong for a handful of datasets). Below that a correlation says
+nothing, and the report says so instead.
 
     gmoe-structure-gain results/analysis_heterogeneity/table.csv \
         --runs results/paper_molbbbp/digest.json multirun/suite \
@@ -43,8 +44,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
+from scipy.stats import permutation_test, spearmanr
 
+from gmoe_bench.errors import UserError
 from gmoe_bench.records import display_scale, higher_is_better, write_atomic
 from gmoe_bench.reports.cli import dirs_exist, out_is_folder
 from gmoe_bench.reports.table import Gain, collect, gains
@@ -65,57 +67,80 @@ def chosen_gains(gain_list: list[Gain]) -> dict[tuple[str, str], Gain]:
 
 
 def relative_gain(gain: Gain) -> float:
-    """GMoE's improvement over its backbone, % of the backbone's test mean (> 0: GMoE better)."""
+    """GMoE's improvement over its backbone, % of the backbone's test mean (> 0: GMoE better;
+    NaN when the backbone's mean is 0)."""
     gmoe, backbone = gain.gmoe.mean_std("test")[0], gain.backbone.mean_std("test")[0]
+    if backbone == 0:
+        return math.nan
     sign = 1.0 if higher_is_better(gain.gmoe.metric) else -1.0
     return 100.0 * sign * (gmoe - backbone) / abs(backbone)
 
 
-def routing_strength(paths: list[Path]) -> dict[str, float]:
-    """Per dataset: Cramér's V of routing against atom structure, the mean over properties, layers,
-    seeds and the configurations analysed."""
-    per_dataset: dict[str, list[float]] = {}
+def routing_strength(paths: list[Path]) -> dict[tuple[str, str | None], float]:
+    """Per (dataset, backbone): Cramér's V of routing against atom structure, the mean over
+    properties, layers, seeds and that backbone's configurations analysed. Files written before
+    gmoe-routing recorded the backbone count for every backbone of their dataset (backbone None)."""
+    per_key: dict[tuple[str, str | None], list[float]] = {}
     for path in paths:
-        for analysis in json.loads(path.read_text()):
-            values = [np.mean(seed["statistics"][prop]["cramers_v"])
-                      for seed in analysis["per_seed"] for prop in PROPERTIES
-                      if prop in seed["statistics"]]
-            if values:
-                per_dataset.setdefault(analysis["dataset"], []).append(float(np.mean(values)))
-    return {dataset: float(np.mean(v)) for dataset, v in per_dataset.items()}
+        try:
+            for analysis in json.loads(path.read_text()):
+                values = [np.mean(seed["statistics"][prop]["cramers_v"])
+                          for seed in analysis["per_seed"] for prop in PROPERTIES
+                          if prop in seed["statistics"]]
+                if values:
+                    key = (analysis["dataset"], analysis.get("backbone"))
+                    per_key.setdefault(key, []).append(float(np.mean(values)))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise UserError(f"{path} is not a routing_structure.json of gmoe-routing "
+                            f"({type(err).__name__}: {err}); give the file gmoe-routing "
+                            "writes.") from err
+    return {key: float(np.mean(v)) for key, v in per_key.items()}
 
 
 @dataclass
 class Correlation:
-    """Spearman's ρ across datasets, or why there is none."""
+    """Spearman's ρ across datasets with its exact p-value, or why there is none."""
 
     rho: float | None
     p_value: float | None
     datasets: int
+    reason: str = ""
 
     def text(self) -> str:
+        """One clause for the report."""
         if self.rho is None:
-            return (f"no correlation stated: {self.datasets} dataset(s), at least {MIN_DATASETS} "
-                    "needed")
-        return f"Spearman ρ = {self.rho:+.2f} (p = {self.p_value:.2f}, {self.datasets} datasets)"
+            return f"no correlation stated: {self.reason}"
+        return f"Spearman ρ = {self.rho:+.2f} (exact p = {self.p_value:.2f}, {self.datasets} datasets)"
 
 
 def correlation(x: list[float], y: list[float]) -> Correlation:
+    """Spearman's ρ of the pairs with both values, with the p-value of a permutation test over
+    every ordering of ``y`` (two-sided); None below :data:`MIN_DATASETS` or for constant values."""
     pairs = [(a, b) for a, b in zip(x, y, strict=True) if not (math.isnan(a) or math.isnan(b))]
     if len(pairs) < MIN_DATASETS:
-        return Correlation(None, None, len(pairs))
-    result = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
-    return Correlation(float(result.statistic), float(result.pvalue), len(pairs))
+        return Correlation(None, None, len(pairs),
+                           f"{len(pairs)} dataset(s), at least {MIN_DATASETS} needed")
+    xs, ys = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+    if np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return Correlation(None, None, len(pairs), "the values are all equal")
+
+    def rho(y_perm: np.ndarray) -> float:
+        return float(spearmanr(xs, y_perm).statistic)
+
+    test = permutation_test((ys,), rho, permutation_type="pairings", n_resamples=np.inf)
+    return Correlation(rho(ys), float(test.pvalue), len(pairs))
 
 
 def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, str], Gain],
-                         routing: dict[str, float]) -> pd.DataFrame:
-    """One row per (dataset, backbone) with a gain, datasets by decreasing heterogeneity."""
+                         routing: dict[tuple[str, str | None], float]) -> pd.DataFrame:
+    """One row per (dataset, backbone) with a gain and a heterogeneity, datasets by decreasing
+    heterogeneity."""
     level = heterogeneity.set_index("dataset")["heterogeneity"]
     rows = []
     for (dataset, backbone), gain in chosen.items():
         if dataset not in level.index:
             continue
+        v = routing.get((dataset, backbone), routing.get((dataset, None), math.nan))
         scale, d = display_scale(gain.gmoe.metric), gain.difference
         rows.append({
             "dataset": dataset, "heterogeneity": float(level[dataset]), "backbone": backbone,
@@ -125,7 +150,7 @@ def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, st
             "interval_low": d.low * scale if d.defined else math.nan,
             "interval_high": d.high * scale if d.defined else math.nan,
             "verdict": gain.verdict, "relative_gain_pct": relative_gain(gain),
-            "cramers_v": routing.get(dataset, math.nan)})
+            "cramers_v": v})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
@@ -144,6 +169,7 @@ def correlations(table: pd.DataFrame) -> dict[str, dict[str, Correlation]]:
 
 
 def markdown(table: pd.DataFrame, found: dict[str, dict[str, Correlation]]) -> str:
+    """The table and one line of correlations per backbone."""
     header = ["dataset", "heterogeneity (bits)", "backbone", "GMoE row (validation's choice)",
               "seeds", "GMoE − backbone (test)", "95% interval (Welch)", "verdict",
               "relative gain", "Cramér's V"]
@@ -155,7 +181,8 @@ def markdown(table: pd.DataFrame, found: dict[str, dict[str, Correlation]]) -> s
         lines.append("| " + " | ".join([
             r.dataset, f"{r.heterogeneity:.3f}", r.backbone, r.gmoe_row, r.seeds,
             f"{r.difference:+.2f} ({r.metric})", interval, r.verdict,
-            f"{r.relative_gain_pct:+.2f} %", v]) + " |")
+            "n/a" if math.isnan(r.relative_gain_pct) else f"{r.relative_gain_pct:+.2f} %",
+            v]) + " |")
     lines.append("")
     for backbone, found_b in found.items():
         lines.append(f"- {backbone.upper()}: heterogeneity against GMoE's relative gain: "
@@ -182,8 +209,23 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("heterogeneity (mean entropy, bits)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
+
+
+def read_heterogeneity(path: Path) -> pd.DataFrame:
+    """gmoe-heterogeneity's table.csv: one row per dataset, with its heterogeneity."""
+    hint = "give the table.csv that gmoe-heterogeneity writes."
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
+        raise UserError(f"{path} cannot be read as a table ({type(err).__name__}); {hint}") from err
+    if not {"dataset", "heterogeneity"} <= set(table.columns):
+        raise UserError(f"{path} has no dataset and heterogeneity columns; {hint}")
+    repeated = sorted(set(table["dataset"][table["dataset"].duplicated()]))
+    if repeated:
+        raise UserError(f"{path} lists {', '.join(repeated)} more than once; {hint}")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,13 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     if not (dirs_exist(prog, [args.heterogeneity, *args.runs, *args.routing])
             and out_is_folder(prog, args.out)):
         return 2
-    heterogeneity = pd.read_csv(args.heterogeneity)
-    if not {"dataset", "heterogeneity"} <= set(heterogeneity.columns):
-        print(f"{prog}: error: {args.heterogeneity} has no dataset and heterogeneity columns; "
-              "give the table.csv that gmoe-heterogeneity writes.", file=sys.stderr)
+    try:
+        heterogeneity = read_heterogeneity(args.heterogeneity)
+        routing = routing_strength(args.routing)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    table = structure_gain_table(heterogeneity, chosen_gains(gains(collect(args.runs))),
-                                 routing_strength(args.routing))
+    chosen = chosen_gains(gains(collect(args.runs)))
+    table = structure_gain_table(heterogeneity, chosen, routing)
+    missing = sorted({d for d, _ in chosen} - set(heterogeneity["dataset"]))
+    if missing:
+        print(f"{prog}: warning: {', '.join(missing)} left out: not in {args.heterogeneity} "
+              "(add them with gmoe-heterogeneity).", file=sys.stderr)
+    unmatched = sorted({d for d, _ in routing} - {d for d, _ in chosen})
+    if unmatched:
+        print(f"{prog}: warning: the routing of {', '.join(unmatched)} is left out: no GMoE row "
+              "there has a backbone row in --runs.", file=sys.stderr)
     if table.empty:
         print(f"{prog}: error: no GMoE row with a backbone row under the same semantics on a "
               "dataset of the heterogeneity table; give the folders of both rows.", file=sys.stderr)

@@ -173,7 +173,7 @@ def _train_group(cfg: TrainConfig, data: MolDataset, runs: list[SeedRun], device
                 valid = evaluate(models, valid_loader, evaluator, device, t.progress)
                 test = evaluate(models, test_loader, evaluator, device, t.progress)
         except (TrainingError, ValueError, RuntimeError) as err:
-            # A diverged model fails anywhere (NaN in the gate's Normal, in the metric, ...).
+            # A diverged model fails anywhere (NaN in the metric, in an index from NaN logits, ...).
             broken = [i for i, m in enumerate(models)
                       if not all(p.isfinite().all() for p in m.parameters())]
             if isinstance(err, NonFinitePredictions):
