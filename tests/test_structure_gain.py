@@ -100,6 +100,7 @@ def test_gain_and_routing_against_heterogeneity(runs: Path, tmp_path: Path,
      "lists ogbg-molbbbp more than once"),
     ("heterogeneity", "", "cannot be read as a table"),
     ("routing", '{"not": "a list of analyses"}', "is not a routing_structure.json of gmoe-routing"),
+    ("routing", '[{"dataset": "ogbg-molbbbp", "per_seed": []}]', "--routing-backbone gcn|gin"),
 ])
 def test_bad_inputs_are_named(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               file: str, text: str, message: str) -> None:

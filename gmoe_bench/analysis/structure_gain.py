@@ -76,20 +76,26 @@ def relative_gain(gain: Gain) -> float:
     return 100.0 * sign * (gmoe - backbone) / abs(backbone)
 
 
-def routing_strength(paths: list[Path]) -> dict[tuple[str, str | None], float]:
+def routing_strength(paths: list[Path], default_backbone: str | None = None
+                     ) -> dict[tuple[str, str], float]:
     """Per (dataset, backbone): Cramér's V of routing against atom structure, the mean over
     properties, layers, seeds and that backbone's configurations analysed. Files written before
-    gmoe-routing recorded the backbone count for every backbone of their dataset (backbone None)."""
-    per_key: dict[tuple[str, str | None], list[float]] = {}
+    gmoe-routing recorded the backbone take ``default_backbone``."""
+    per_key: dict[tuple[str, str], list[float]] = {}
     for path in paths:
         try:
             for analysis in json.loads(path.read_text()):
                 values = [np.mean(seed["statistics"][prop]["cramers_v"])
                           for seed in analysis["per_seed"] for prop in PROPERTIES
                           if prop in seed["statistics"]]
+                backbone = analysis.get("backbone", default_backbone)
+                if backbone is None:
+                    raise UserError(f"{path} does not record its models' backbone (written before "
+                                    "gmoe-routing did); re-run gmoe-routing on its runs, or name "
+                                    "it with --routing-backbone gcn|gin.")
                 if values:
-                    key = (analysis["dataset"], analysis.get("backbone"))
-                    per_key.setdefault(key, []).append(float(np.mean(values)))
+                    per_key.setdefault((analysis["dataset"], backbone), []).append(
+                        float(np.mean(values)))
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise UserError(f"{path} is not a routing_structure.json of gmoe-routing "
                             f"({type(err).__name__}: {err}); give the file gmoe-routing "
@@ -132,7 +138,7 @@ def correlation(x: list[float], y: list[float]) -> Correlation:
 
 
 def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, str], Gain],
-                         routing: dict[tuple[str, str | None], float]) -> pd.DataFrame:
+                         routing: dict[tuple[str, str], float]) -> pd.DataFrame:
     """One row per (dataset, backbone) with a gain and a heterogeneity, datasets by decreasing
     heterogeneity."""
     level = heterogeneity.set_index("dataset")["heterogeneity"]
@@ -140,7 +146,6 @@ def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, st
     for (dataset, backbone), gain in chosen.items():
         if dataset not in level.index:
             continue
-        v = routing.get((dataset, backbone), routing.get((dataset, None), math.nan))
         scale, d = display_scale(gain.gmoe.metric), gain.difference
         rows.append({
             "dataset": dataset, "heterogeneity": float(level[dataset]), "backbone": backbone,
@@ -150,7 +155,7 @@ def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, st
             "interval_low": d.low * scale if d.defined else math.nan,
             "interval_high": d.high * scale if d.defined else math.nan,
             "verdict": gain.verdict, "relative_gain_pct": relative_gain(gain),
-            "cramers_v": v})
+            "cramers_v": routing.get((dataset, backbone), math.nan)})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                              "backbone rows")
     parser.add_argument("--routing", nargs="*", type=Path, default=[],
                         help="gmoe-routing's routing_structure.json files")
+    parser.add_argument("--routing-backbone", choices=("gcn", "gin"), default=None,
+                        help="the backbone of routing files that do not record it (older ones)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     args = parser.parse_args(argv)
     prog = "gmoe-structure-gain"
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         heterogeneity = read_heterogeneity(args.heterogeneity)
-        routing = routing_strength(args.routing)
+        routing = routing_strength(args.routing, args.routing_backbone)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
