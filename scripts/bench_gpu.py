@@ -14,7 +14,8 @@ For plain GCN (hidden 300) and GMoE-GCN (n=8, all hop-2, k=4, λ=1, hidden 150),
   one after another, and measured with the 10 seeds trained together (``trainer.seeds_per_group``:
   one epoch of all ten, each on its own batch order, and their evaluation).
 Writes results/bench/gpu_<device>.{json,md}. By default 300 training batches per model are timed and
-scaled to the epoch: about 3 minutes on an H200 (the whole split, ``--batches 0``, took 8 minutes).
+scaled to the epoch: about 3 minutes on an H200, estimated from the whole split (``--batches 0``), which
+took 8 minutes there.
 """
 
 from __future__ import annotations
