@@ -42,38 +42,32 @@ sweep: $(STAMP)  ## run a sweep from gmoe_bench/configs/experiment/: EXP=paper_m
 report: $(STAMP)  ## tables and plots from run/sweep folders: DIRS="multirun/..." OUT=results/report
 	$(BIN)/gmoe-report $(DIRS) --out $(OUT)
 
-# A paper table, end to end ($(1) = molbbbp or molhiv): the baselines with 10 seeds, the GMoE search
-# with 3, the configuration with the best validation per backbone with 10 (its search seeds are reused
-# from the checkpoints), then the table (baselines and selected rows) and the search's own report.
+# A table, end to end: the baselines with 10 seeds, the GMoE search with 3, the configuration with the
+# best validation per backbone with 10 (its search seeds are reused from the checkpoints when the search
+# ran the same protocol), then the table (baselines and selected rows) and the search's own report.
+# $(1) dataset, $(2) the search's experiment and overrides, $(3) run folder, $(4) results folder,
+# $(5) overrides after gmoe-select's for the selected runs.
 define reproduce
-	$(BIN)/gmoe-train -m +experiment=paper_baselines dataset=ogbg-$(1) hydra.sweep.dir=multirun/paper_$(1)/baselines $(ARGS)
-	$(BIN)/gmoe-train -m +experiment=paper_$(1) hydra.sweep.dir=multirun/paper_$(1)/search $(ARGS)
+	$(BIN)/gmoe-train -m +experiment=paper_baselines dataset=$(1) hydra.sweep.dir=$(3)/baselines $(ARGS)
+	$(BIN)/gmoe-train -m $(2) hydra.sweep.dir=$(3)/search $(ARGS)
 	for b in gcn gin; do \
-	  o=$$($(BIN)/gmoe-select multirun/paper_$(1)/search --backbone $$b) || exit 1; \
-	  $(BIN)/gmoe-train +experiment=paper_selected $$o hydra.run.dir=multirun/paper_$(1)/selected_$$b $(ARGS) || exit 1; \
+	  o=$$($(BIN)/gmoe-select $(3)/search --backbone $$b) || exit 1; \
+	  $(BIN)/gmoe-train +experiment=paper_selected $$o $(5) hydra.run.dir=$(3)/selected_$$b $(ARGS) || exit 1; \
 	done
-	$(BIN)/gmoe-report multirun/paper_$(1)/baselines multirun/paper_$(1)/selected_gcn multirun/paper_$(1)/selected_gin --out results/paper_$(1)
-	$(BIN)/gmoe-report multirun/paper_$(1)/search --out results/paper_$(1)/search
+	$(BIN)/gmoe-report $(3)/baselines $(3)/selected_gcn $(3)/selected_gin --out $(4)
+	$(BIN)/gmoe-report $(3)/search --out $(4)/search
 endef
 
 reproduce-molbbbp: $(STAMP)  ## the paper's ogbg-molbbbp table: baselines, GMoE search, selected configs (10 seeds), report
-	$(call reproduce,molbbbp)
+	$(call reproduce,ogbg-molbbbp,+experiment=paper_molbbbp,multirun/paper_molbbbp,results/paper_molbbbp)
 
 reproduce-molhiv: $(STAMP)  ## the same for ogbg-molhiv (use a GPU: ARGS="trainer.device=cuda")
-	$(call reproduce,molhiv)
+	$(call reproduce,ogbg-molhiv,+experiment=paper_molhiv,multirun/paper_molhiv,results/paper_molhiv)
 
-# A suite table (any ogbg-mol* dataset, DATASET=ogbg-molfreesolv): the baselines with 10 seeds, the small
-# GMoE search (experiment=suite_search: 3 seeds × 30 epochs), the validation's choice per backbone at
-# the paper protocol (10 seeds × 100 epochs), then the table with GMoE's gain and its interval.
+# A suite table (any ogbg-mol* dataset, DATASET=ogbg-molfreesolv) with the small GMoE search
+# (experiment=suite_search: 3 seeds × 30 epochs); the selected rows run the paper protocol (100 epochs).
 reproduce-suite: check-dataset $(STAMP)  ## a suite table for DATASET=ogbg-mol...: baselines, small GMoE search, selected configs (10 × 100), report
-	$(BIN)/gmoe-train -m +experiment=paper_baselines dataset=$(DATASET) hydra.sweep.dir=multirun/suite/$(DATASET)/baselines $(ARGS)
-	$(BIN)/gmoe-train -m +experiment=suite_search dataset=$(DATASET) hydra.sweep.dir=multirun/suite/$(DATASET)/search $(ARGS)
-	for b in gcn gin; do \
-	  o=$$($(BIN)/gmoe-select multirun/suite/$(DATASET)/search --backbone $$b) || exit 1; \
-	  $(BIN)/gmoe-train +experiment=paper_selected $$o trainer.epochs=100 hydra.run.dir=multirun/suite/$(DATASET)/selected_$$b $(ARGS) || exit 1; \
-	done
-	$(BIN)/gmoe-report multirun/suite/$(DATASET)/baselines multirun/suite/$(DATASET)/selected_gcn multirun/suite/$(DATASET)/selected_gin --out results/suite/$(DATASET)
-	$(BIN)/gmoe-report multirun/suite/$(DATASET)/search --out results/suite/$(DATASET)/search
+	$(call reproduce,$(DATASET),+experiment=suite_search dataset=$(DATASET),multirun/suite/$(DATASET),results/suite/$(DATASET),trainer.epochs=100)
 
 check-dataset:  # before anything is installed or trained
 	@test -n "$(DATASET)" || { echo "reproduce-suite: no dataset named; run e.g. make reproduce-suite DATASET=ogbg-molfreesolv." >&2; exit 2; }

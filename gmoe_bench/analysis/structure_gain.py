@@ -49,6 +49,7 @@ from scipy.stats import permutation_test, spearmanr
 from gmoe_bench.errors import UserError
 from gmoe_bench.records import display_scale, higher_is_better, write_atomic
 from gmoe_bench.reports.cli import dirs_exist, out_is_folder
+from gmoe_bench.reports.paper import best_on_validation
 from gmoe_bench.reports.table import Gain, collect, gains
 
 MIN_DATASETS = 3  # fewer points than this make no rank correlation worth stating
@@ -61,9 +62,11 @@ def chosen_gains(gain_list: list[Gain]) -> dict[tuple[str, str], Gain]:
     for gain in gain_list:
         key = (gain.gmoe.dataset, gain.gmoe.config["model"]["backbone"])
         candidates.setdefault(key, []).append(gain)
-    return {key: (max if higher_is_better(gs[0].gmoe.metric) else min)(
-                gs, key=lambda g: g.gmoe.mean_std("valid")[0])
-            for key, gs in candidates.items()}
+    chosen = {}
+    for key, gs in candidates.items():
+        best = best_on_validation([g.gmoe for g in gs])
+        chosen[key] = next(g for g in gs if g.gmoe is best)
+    return chosen
 
 
 def relative_gain(gain: Gain) -> float:
@@ -146,14 +149,14 @@ def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, st
     for (dataset, backbone), gain in chosen.items():
         if dataset not in level.index:
             continue
-        scale, d = display_scale(gain.gmoe.metric), gain.difference
+        d = gain.difference.scaled(display_scale(gain.gmoe.metric))
         rows.append({
             "dataset": dataset, "heterogeneity": float(level[dataset]), "backbone": backbone,
             "gmoe_row": gain.gmoe.label, "metric": gain.gmoe.metric,
             "seeds": f"{len(gain.gmoe.seeds)} / {len(gain.backbone.seeds)}",
-            "difference": d.estimate * scale,
-            "interval_low": d.low * scale if d.defined else math.nan,
-            "interval_high": d.high * scale if d.defined else math.nan,
+            "difference": d.estimate,
+            "interval_low": d.low if d.defined else math.nan,
+            "interval_high": d.high if d.defined else math.nan,
             "verdict": gain.verdict, "relative_gain_pct": relative_gain(gain),
             "cramers_v": routing.get((dataset, backbone), math.nan)})
     table = pd.DataFrame(rows)

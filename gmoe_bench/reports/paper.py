@@ -41,16 +41,21 @@ def comparison_table(results: list[ConfigResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_on_validation(results: list[ConfigResult]) -> ConfigResult:
+    """The result with the best mean validation metric (the highest, or the lowest for errors such
+    as RMSE): the paper's model selection."""
+    pick = max if higher_is_better(results[0].metric) else min
+    return pick(results, key=lambda r: r.mean_std("valid")[0])
+
+
 def best_per_backbone(results: list[ConfigResult]) -> dict[tuple[str, str], ConfigResult]:
     """Per (dataset, backbone) with at least two GMoE configurations to choose from, the one with
-    the best mean validation metric: the paper's model selection."""
+    the best mean validation metric."""
     candidates: dict[tuple[str, str], list[ConfigResult]] = {}
     for r in results:
         if r.is_gmoe:
             candidates.setdefault((r.dataset, r.config["model"]["backbone"]), []).append(r)
-    return {key: (max if higher_is_better(rs[0].metric) else min)(
-                rs, key=lambda r: r.mean_std("valid")[0])
-            for key, rs in candidates.items() if len(rs) > 1}
+    return {key: best_on_validation(rs) for key, rs in candidates.items() if len(rs) > 1}
 
 
 # What the selected configuration is re-run with: the paper's 10 seeds (configs/experiment/).
