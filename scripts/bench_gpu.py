@@ -21,6 +21,7 @@ took 8 minutes there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -28,6 +29,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ from bench import REPO, TASK_TYPE, molhiv_or_built, sync
 
 from gmoe_bench.config import ModelConfig, MoEConfig
 from gmoe_bench.data.ogb import MolDataset
+from gmoe_bench.data.padding import pad_together
+from gmoe_bench.engine.graphed import GraphedTrainStep
 from gmoe_bench.engine.loop import join, train_step
 from gmoe_bench.engine.run import build_optimizer
 from gmoe_bench.model import build_model
@@ -207,6 +211,97 @@ def measure_together(model_cfg: ModelConfig, moe: MoEConfig, train: list, evalua
     return epoch_seconds, time.perf_counter() - start
 
 
+def graphed_check(model_cfg: ModelConfig, moe: MoEConfig, train: list, device: torch.device,
+                  steps: int = 12) -> float:
+    """Largest difference between the task losses of ``steps`` steps replayed from CUDA graphs and
+    the same steps run eagerly, from the same weights (dropout and gate noise off): 0 up to
+    floating-point rounding when the graphs hold the whole step."""
+    model_cfg = dataclasses.replace(model_cfg, dropout=0.0)
+    moe = dataclasses.replace(moe, dispatch="dense", noisy_gating=False)
+    losses = []
+    for capture in (device.type == "cuda", False):  # on a CPU (smoke test) both eager
+        torch.manual_seed(0)
+        model = build_model(model_cfg, moe, 1).to(device).train()
+        step = GraphedTrainStep([model], [build_optimizer(model, 1e-3, capturable=capture)],
+                                TASK_TYPE, capture=capture)
+        losses.append(torch.stack([step(pad_together([b], model.needs_hop2, 32)).losses[0].clone()
+                                   for b in train[:steps]]))
+    return float((losses[0] - losses[1]).abs().max())
+
+
+def measure_graphed(model_cfg: ModelConfig, moe: MoEConfig, train: list, evaluation: list,
+                    device: torch.device, seeds: int) -> dict[str, float]:
+    """``seeds`` seeds trained together from CUDA graphs (``trainer.cuda_graphs``; GMoE with dense
+    dispatch): seconds of a first pass over ``train`` (warm-up steps and one capture per padded
+    shape included) and of a second one (replays only), the number of shapes, and the seconds
+    of the seeds' evaluation (eager, batches of 4096 graphs)."""
+    moe = dataclasses.replace(moe, dispatch="dense")
+    models, optimizers = [], []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        models.append(build_model(model_cfg, moe, 1).to(device).train())
+        optimizers.append(build_optimizer(models[-1], 1e-3, capturable=device.type == "cuda"))
+    step = GraphedTrainStep(models, optimizers, TASK_TYPE, capture=device.type == "cuda")
+    offsets = [7 * seed for seed in range(seeds)]  # a different batch for each seed at each step
+    groups = [pad_together([train[(i + o) % len(train)] for o in offsets], models[0].needs_hop2, 32)
+              for i in range(len(train))]
+    passes = []
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        for group in groups:
+            step(group)
+        sync(device)
+        passes.append(time.perf_counter() - start)
+    for model in models:
+        model.eval()
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for model in models:
+            for b in evaluation:
+                model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
+    sync(device)
+    return {"first_pass_s": passes[0], "pass_s": passes[1], "shapes": step.num_graphs,
+            "eval_s": time.perf_counter() - start}
+
+
+def graphed_row(name: str, model_cfg: ModelConfig, moe: MoEConfig, train: list,
+                evaluation: list, device: torch.device, together: int,
+                epoch_scale: float) -> dict[str, Any]:
+    """CUDA-graph figures of one model, alone and ``together`` seeds at a time, with the paper's
+    row projected from them (captures paid once, replays every epoch)."""
+    row: dict[str, Any] = {"model": name, "check_max_loss_diff": math.nan}
+    try:
+        row["check_max_loss_diff"] = graphed_check(model_cfg, moe, train, device)
+    except RuntimeError as error:
+        traceback.print_exc()
+        row["check_error"] = f"{type(error).__name__}: {error}"[:300]
+    for label, seeds in (("solo", 1), ("together", together)):
+        try:
+            figures = measure_graphed(model_cfg, moe, train, evaluation, device, seeds)
+        except RuntimeError as error:
+            traceback.print_exc()
+            row[f"{label}_error"] = f"{type(error).__name__}: {error}"[:300]
+            print(f"{name}: CUDA graphs, {seeds} seed(s) failed: {row[f'{label}_error']}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        epoch = figures["pass_s"] * epoch_scale
+        captures = figures["first_pass_s"] - figures["pass_s"]
+        groups = math.ceil(SEEDS / seeds)
+        row[label] = {**figures, "epoch_s": epoch, "seeds": seeds,
+                      "row_minutes": (groups * (EPOCHS * (epoch + figures["eval_s"]) + captures)
+                                      / 60)}
+        print(f"{name}: CUDA graphs, {seeds} seed(s): epoch {epoch:.2f} s, eval "
+              f"{figures['eval_s']:.2f} s, {figures['shapes']} shapes captured in a first pass of "
+              f"{figures['first_pass_s']:.1f} s; {SEEDS}×{EPOCHS} row ≈ {row[label]['row_minutes']:.1f} "
+              f"min", flush=True)
+    print(f"{name}: graphed against eager losses, largest difference over 12 steps "
+          f"{row['check_max_loss_diff']:.2e}", flush=True)
+    return row
+
+
 def _finite(value: Any) -> Any:
     """``value`` with NaN as None: JSON has no NaN."""
     if isinstance(value, float) and math.isnan(value):
@@ -247,6 +342,27 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{r['kernels_per_step']:.0f} kernels per step")
         if r["together_error"]:
             lines.append(f"- {r['model']}, seeds together failed: {r['together_error']}")
+    if report.get("graphed"):
+        lines += ["", "## CUDA graphs (trainer.cuda_graphs; GMoE with moe.dispatch=dense)", "",
+                  "Padded batches, one graph captured per shape, seeds of a group on parallel "
+                  "streams in one graph; evaluation eager on batches of 4096 graphs. Row: "
+                  f"{SEEDS} seeds × {EPOCHS} epochs with the captures paid once per group.", "",
+                  "| model | seeds at a time | train epoch s | eval s (all seeds) | shapes | first pass s "
+                  f"| {SEEDS} × {EPOCHS} row | graphed − eager loss, 12 steps |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["graphed"]:
+            for label in ("solo", "together"):
+                if label not in r:
+                    lines.append(f"| {r['model']} | {label} | failed: {r.get(label + '_error')} "
+                                 "| | | | | |")
+                    continue
+                g = r[label]
+                lines.append(f"| {r['model']} | {g['seeds']} | {g['epoch_s']:.2f} | "
+                             f"{g['eval_s']:.2f} | {g['shapes']} | {g['first_pass_s']:.1f} | "
+                             f"{g['row_minutes']:.1f} min | {r['check_max_loss_diff']:.1e} |")
+            if "check_error" in r:
+                lines.append(f"- {r['model']}: the graphed-against-eager check failed: "
+                             f"{r['check_error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -259,6 +375,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=300,
                         help="time this many training batches, scaled to a whole epoch (0: all)")
     parser.add_argument("--together", type=int, default=SEEDS, help="seeds trained together")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train from CUDA graphs (trainer.cuda_graphs), after the eager rows")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -274,6 +392,8 @@ def main() -> None:
         eval_limit = 20 if args.quick else None  # --batches cuts training only: eval is unscaled
         evaluation = (device_batches(data, "valid", 256, False, device, eval_limit)
                       + device_batches(data, "test", 256, False, device, eval_limit))
+        big_evaluation = (device_batches(data, "valid", 4096, False, device, eval_limit)
+                          + device_batches(data, "test", 4096, False, device, eval_limit))
     peak = matmul_peak(device, 1024 if args.quick else 8192)
     print(f"{dataset} on {device}: {len(train)} training batches; fp32 matmul peak "
           f"{peak / 1e12:.1f} TFLOP/s", flush=True)
@@ -286,15 +406,24 @@ def main() -> None:
               "models": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_" + re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    report["graphed"] = []
+
+    def write() -> None:  # after each row: a lease that ends mid-script keeps the finished rows
+        report["wall_seconds"] = time.perf_counter() - started
+        (args.out / f"{stem}.json").write_text(json.dumps(_finite(report), indent=1))
+        (args.out / f"{stem}.md").write_text(markdown(report))
+
     for name, (model_cfg, moe) in MODELS.items():
         row = measure(name, model_cfg, moe, train, evaluation, device, args.epochs,
                       min(args.flop_sample, len(train)), args.together, epoch_scale)
         row["share_of_peak"] = row["achieved_flop_per_s"] / peak
         report["models"].append(row)
-        # Written after each model: a lease that ends mid-script keeps the finished rows.
-        report["wall_seconds"] = time.perf_counter() - started
-        (args.out / f"{stem}.json").write_text(json.dumps(_finite(report), indent=1))
-        (args.out / f"{stem}.md").write_text(markdown(report))
+        write()
+    if args.graphs:  # after the eager rows: a failed capture can leave the device unusable
+        for name, (model_cfg, moe) in MODELS.items():
+            report["graphed"].append(graphed_row(name, model_cfg, moe, train, big_evaluation,
+                                                 device, args.together, epoch_scale))
+            write()
     print(f"written to {args.out / stem}.json and .md")
 
 

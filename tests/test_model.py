@@ -129,7 +129,7 @@ def test_grouped_experts_equal_each_expert_alone_in_training(backbone: str, hop:
         mask = expert == e
         conv, norm = references.convs[e], references.norms[e]
         if backbone == "gin":  # the MLP, with its BatchNorm, sees the routed nodes only
-            conv.mlp.register_forward_pre_hook(lambda _, args, mask=mask: (args[0][mask],))
+            conv.mlp[0].register_forward_pre_hook(lambda _, args, mask=mask: (args[0][mask],))
             y = norm(conv(x_ref, g.edge_index, g.edge_attr, g.deg, b.num_nodes))
         else:
             y = norm(conv(x_ref, g.edge_index, g.edge_attr, g.deg, b.num_nodes)[mask])

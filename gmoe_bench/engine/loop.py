@@ -33,15 +33,17 @@ class EpochStats:
 
 
 def task_loss(logits: Tensor, y: Tensor, task_type: str) -> Tensor:
-    """BCE-with-logits (classification) or MSE (regression) over the labelled entries only."""
+    """BCE-with-logits (classification) or MSE (regression) over the labelled entries only.
+    Masked rather than indexed, so its shapes never depend on the labels: no host sync, and a
+    CUDA graph can hold it; a batch with no labels gives 0."""
     y = y.view(logits.shape).to(logits.dtype)
     labelled = ~torch.isnan(y)
-    logits, y = logits[labelled], y[labelled]
+    y = torch.where(labelled, y, 0.0)
     if "classification" in task_type:
-        total = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        per_entry = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     else:
-        total = F.mse_loss(logits, y, reduction="sum")
-    return total / labelled.sum().clamp(min=1)  # no host sync; a batch with no labels gives 0
+        per_entry = F.mse_loss(logits, y, reduction="none")
+    return torch.where(labelled, per_entry, 0.0).sum() / labelled.sum().clamp(min=1)
 
 
 class JoinedBatch(NamedTuple):

@@ -26,10 +26,12 @@ from gmoe_bench.records import EpochRecord, SeedResult, code_commit, is_better
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, lr: float,
+                    capturable: bool = False) -> torch.optim.Optimizer:
     """Adam, fused: one kernel over all parameters (GMoE has hundreds of small ones; 4.6× faster
-    than the per-parameter loop on CPU)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    than the per-parameter loop on CPU). ``capturable``: its step may be recorded in a CUDA graph
+    (engine/graphed.py)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
 
 
 def seed_everything(seed: int) -> None:

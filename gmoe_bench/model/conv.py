@@ -14,6 +14,8 @@ from ogb.graphproppred.mol_encoder import BondEncoder
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
+from gmoe_bench.model.norm import batch_norm
+
 
 class PathBondEncoder(nn.Module):
     r"""Embeds a 2-hop path by its two bonds: :math:`e = \mathrm{Bond}_1(b_{ij}) + \mathrm{Bond}_2(b_{jk})`.
@@ -81,6 +83,7 @@ class OGBGCNConv(MessagePassing):
         edge_attr: Tensor,  # [E, F_e]
         deg: Tensor,  # [U] whole-graph degree + 1
         num_targets: int,
+        mask: Tensor | None = None,  # unused: GCN has no BatchNorm of its own
     ) -> Tensor:  # [num_targets, D]
         h = self.linear(x)
         deg_inv_sqrt = deg.pow(-0.5)
@@ -127,11 +130,14 @@ class OGBGINConv(MessagePassing):
         edge_attr: Tensor,  # [E, F_e]
         deg: Tensor,  # unused: GIN sums messages without normalisation
         num_targets: int,
+        mask: Tensor | None = None,  # [num_targets] real rows of a padded batch (its BatchNorm)
     ) -> Tensor:  # [num_targets, D]
         x_dst = x[:num_targets]
         agg = self.propagate(edge_index, x=(x, x_dst), edge_attr=self.bond_encoder(edge_attr),
                              size=(x.size(0), num_targets))
-        return self.mlp((1 + self.eps) * x_dst + agg)
+        h = self.mlp[0]((1 + self.eps) * x_dst + agg)
+        h = F.relu(batch_norm(h, self.mlp[1], mask))
+        return self.mlp[3](h)
 
     def message(self, x_j: Tensor, edge_attr: Tensor) -> Tensor:
         return F.relu(x_j + edge_attr)

@@ -46,22 +46,34 @@ class Segments(NamedTuple):
     sizes: list[int]  # rows per run
 
 
-def _per_segment(values: Tensor, segments: Segments | None) -> Tensor:
-    """``[N, n]`` summed over the rows of each segment: ``[S, n]``, or ``[n]`` without segments."""
+def _per_segment(values: Tensor, segments: Segments | None, mask: Tensor | None) -> Tensor:
+    """``[N, n]`` summed over the rows of each segment: ``[S, n]``, or ``[n]`` without segments;
+    ``mask`` ``[N]`` (0 for a padding row) leaves rows out."""
+    if mask is not None:
+        values = values * mask[:, None]
     if segments is None:
         return values.sum(0)
     out = values.new_zeros(len(segments.sizes), values.size(1))
     return out.index_add(0, segments.index, values)
 
 
+def count_pairs(keys: Tensor, size: int, weight: Tensor | None = None) -> Tensor:
+    """How many pairs have each key in ``0 .. size-1`` (each counted ``weight`` times): ``[size]``.
+    Unlike ``torch.bincount``, the output size does not depend on the values, so on a GPU it
+    needs no host sync (and can be captured in a CUDA graph)."""
+    ones = torch.ones_like(keys) if weight is None else weight.to(keys.dtype)
+    return keys.new_zeros(size).index_add_(0, keys, ones)
+
+
 def _counts(node: Tensor, expert: Tensor, num_experts: int, segments: Segments | None,
-            dtype: torch.dtype) -> Tensor:
-    """Pairs per expert: ``[n]``, or ``[S, n]`` per segment."""
+            dtype: torch.dtype, mask: Tensor | None) -> Tensor:
+    """Pairs per expert: ``[n]``, or ``[S, n]`` per segment; pairs of padding nodes left out."""
+    weight = None if mask is None else mask[node]
     if segments is None:
-        return torch.bincount(expert, minlength=num_experts).to(dtype)
+        return count_pairs(expert, num_experts, weight).to(dtype)
     keys = segments.index[node] * num_experts + expert
     num_segments = len(segments.sizes)
-    counts = torch.bincount(keys, minlength=num_segments * num_experts)
+    counts = count_pairs(keys, num_segments * num_experts, weight)
     return counts.view(num_segments, num_experts).to(dtype)
 
 
@@ -82,7 +94,8 @@ class Routing(NamedTuple):
 def _top_k_pairs(top_index: Tensor, top_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """[N, k] choices as node-major pairs."""
     num_nodes, k = top_index.shape
-    node = torch.arange(num_nodes, device=top_index.device).repeat_interleave(k)
+    # expanded, not repeat_interleave: its output size is not read back from the device
+    node = torch.arange(num_nodes, device=top_index.device)[:, None].expand(num_nodes, k).flatten()
     return node, top_index.flatten(), top_weight.flatten()
 
 
@@ -120,10 +133,10 @@ class NoisyTopKGate(nn.Module):
     def draws_noise(self) -> bool:
         return self.noisy and self.training
 
-    def forward(self, x: Tensor) -> Routing:  # x: [N, D]
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Routing:  # x: [N, D]
         projections = [x @ w for w in self.weights]  # [N, n] each
         noise = torch.randn_like(projections[0]) if self.draws_noise else None
-        return self.route(projections, noise, None)
+        return self.route(projections, noise, None, mask)
 
     def logits(self, projections: list[Tensor], noise: Tensor | None
                ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -135,20 +148,23 @@ class NoisyTopKGate(nn.Module):
         return clean, clean + noise * noise_std, noise_std
 
     def route(self, projections: list[Tensor], noise: Tensor | None,
-              segments: Segments | None) -> Routing:
+              segments: Segments | None, mask: Tensor | None = None) -> Routing:
         """The routing, given ``x @ w`` for each of :attr:`weights`, standard normal ``noise``
-        ``[N, n]`` (when :attr:`draws_noise`) and the seeds' segments (None for one seed)."""
+        ``[N, n]`` (when :attr:`draws_noise`), the seeds' segments (None for one seed) and the
+        real rows of a padded batch (``mask`` ``[N]``, 0 for padding: left out of importance and
+        load; None: every row)."""
         clean, logits, noise_std = self.logits(projections, noise)
         k = self.top_k
         top_logits, top_index = logits.topk(min(k + 1, self.num_experts), dim=1)
         top_weight = torch.softmax(top_logits[:, :k], dim=1)
         node, expert, weight = _top_k_pairs(top_index[:, :k], top_weight)
         importance = _per_segment(top_weight.new_zeros(clean.shape).scatter(
-            1, top_index[:, :k], top_weight), segments)
+            1, top_index[:, :k], top_weight), segments, mask)
         if noise_std is not None and k < self.num_experts:
-            load = _per_segment(self._prob_in_top_k(clean, logits, noise_std, top_logits), segments)
+            load = _per_segment(self._prob_in_top_k(clean, logits, noise_std, top_logits),
+                                segments, mask)
         else:
-            load = _counts(node, expert, self.num_experts, segments, clean.dtype)
+            load = _counts(node, expert, self.num_experts, segments, clean.dtype, mask)
         return Routing(node, expert, weight, importance, load)
 
     def _prob_in_top_k(self, clean: Tensor, noisy: Tensor, noise_std: Tensor,
@@ -169,13 +185,13 @@ class DenseGate(NoisyTopKGate):
     importance term balances. ``top_k`` is not used."""
 
     def route(self, projections: list[Tensor], noise: Tensor | None,
-              segments: Segments | None) -> Routing:
+              segments: Segments | None, mask: Tensor | None = None) -> Routing:
         _, logits, _ = self.logits(projections, noise)
         probs = torch.softmax(logits, dim=1)  # [N, n]
         index = torch.arange(self.num_experts, device=probs.device).expand_as(probs)
         node, expert, weight = _top_k_pairs(index, probs)
-        load = _per_segment(torch.ones_like(probs), segments)  # every node at every expert
-        return Routing(node, expert, weight, _per_segment(probs, segments), load)
+        load = _per_segment(torch.ones_like(probs), segments, mask)  # every node at every expert
+        return Routing(node, expert, weight, _per_segment(probs, segments, mask), load)
 
 
 class ExpertChoiceGate(NoisyTopKGate):
@@ -185,7 +201,10 @@ class ExpertChoiceGate(NoisyTopKGate):
     ``C`` follows the number of nodes of the batch."""
 
     def route(self, projections: list[Tensor], noise: Tensor | None,
-              segments: Segments | None) -> Routing:
+              segments: Segments | None, mask: Tensor | None = None) -> Routing:
+        if mask is not None:
+            raise ValueError("the expert-choice gate's capacity follows the batch's node count, "
+                             "so it cannot run on a padded batch: use moe.gate=top_k or dense")
         _, logits, _ = self.logits(projections, noise)
         probs = torch.softmax(logits, dim=1)  # [N, n]
         n = probs.size(1)
@@ -204,8 +223,8 @@ class ExpertChoiceGate(NoisyTopKGate):
         node, expert = node[order], expert[order]
         weight = probs[node, expert]
         importance = _per_segment(probs.new_zeros(probs.shape).index_put((node, expert), weight),
-                                  segments)
-        load = _counts(node, expert, n, segments, probs.dtype)
+                                  segments, None)
+        load = _counts(node, expert, n, segments, probs.dtype, None)
         return Routing(node, expert, weight, importance, load)
 
 
@@ -229,15 +248,15 @@ class RandomGate(nn.Module):
     def weights(self) -> list[Tensor]:
         return [self.projection]
 
-    def forward(self, x: Tensor) -> Routing:
-        return self.route([x.detach() @ self.projection], None, None)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Routing:
+        return self.route([x.detach() @ self.projection], None, None, mask)
 
     def route(self, projections: list[Tensor], noise: Tensor | None,
-              segments: Segments | None) -> Routing:
+              segments: Segments | None, mask: Tensor | None = None) -> Routing:
         top_index = projections[0].detach().topk(self.top_k, dim=1).indices
         top_weight = projections[0].new_full(top_index.shape, 1.0 / self.top_k)
         node, expert, weight = _top_k_pairs(top_index, top_weight)
-        counts = _counts(node, expert, self.num_experts, segments, top_weight.dtype)
+        counts = _counts(node, expert, self.num_experts, segments, top_weight.dtype, mask)
         return Routing(node, expert, weight, counts / self.top_k, counts)
 
 

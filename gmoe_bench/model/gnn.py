@@ -15,6 +15,7 @@ from torch_geometric.utils import degree
 from gmoe_bench.data.hop2 import two_hop_edges
 from gmoe_bench.model.conv import CONVS
 from gmoe_bench.model.moe import GMoELayer, HopGraph, LayerStats
+from gmoe_bench.model.norm import batch_norm
 
 POOLS = {"mean": global_mean_pool, "sum": global_add_pool, "max": global_max_pool}
 
@@ -38,18 +39,22 @@ class BackboneLayer(nn.Module):
         self.conv.reset_parameters()
         self.norm.reset_parameters()
 
-    def forward(self, x: Tensor, hop1: HopGraph, hop2: HopGraph | None) -> tuple[Tensor, None]:
-        h = self.conv(x, hop1.edge_index, hop1.edge_attr, hop1.deg, x.size(0))
-        return self.norm(h), None
+    def forward(self, x: Tensor, hop1: HopGraph, hop2: HopGraph | None,
+                mask: Tensor | None = None) -> tuple[Tensor, None]:
+        h = self.conv(x, hop1.edge_index, hop1.edge_attr, hop1.deg, x.size(0), mask)
+        return batch_norm(h, self.norm, mask), None
 
 
-def hop_graphs(edge_index: Tensor, edge_attr: Tensor, num_nodes: int,
-               needs_hop2: bool) -> tuple[HopGraph, HopGraph | None]:
-    """The bonds, and the 2-hop paths when a hop-2 expert needs them, with their degrees."""
+def hop_graphs(edge_index: Tensor, edge_attr: Tensor, num_nodes: int, needs_hop2: bool,
+               hop2_edges: tuple[Tensor, Tensor] | None = None) -> tuple[HopGraph, HopGraph | None]:
+    """The bonds, and the 2-hop paths when a hop-2 expert needs them (``hop2_edges`` when the
+    caller built them, as :func:`~gmoe_bench.data.hop2.two_hop_edges` does), with their degrees."""
     hop1 = HopGraph(edge_index, edge_attr, degree(edge_index[0], num_nodes) + 1)
     if not needs_hop2:
         return hop1, None
-    index2, attr2 = two_hop_edges(edge_index, edge_attr, num_nodes)
+    if hop2_edges is None:
+        hop2_edges = two_hop_edges(edge_index, edge_attr, num_nodes)
+    index2, attr2 = hop2_edges
     return hop1, HopGraph(index2, attr2, degree(index2[0], num_nodes) + 1)
 
 
@@ -64,6 +69,13 @@ def _virtual_node_mlp(emb_dim: int) -> nn.Sequential:
         nn.Linear(emb_dim, 2 * emb_dim), nn.BatchNorm1d(2 * emb_dim), nn.ReLU(),
         nn.Linear(2 * emb_dim, emb_dim), nn.BatchNorm1d(emb_dim), nn.ReLU(),
     )
+
+
+def _run_mlp(mlp: nn.Sequential, x: Tensor, mask: Tensor | None) -> Tensor:
+    """``mlp(x)``, its BatchNorms over the rows where ``mask`` is 1."""
+    for module in mlp:
+        x = batch_norm(x, module, mask) if isinstance(module, nn.BatchNorm1d) else module(x)
+    return x
 
 
 class MolGNN(nn.Module):
@@ -117,8 +129,17 @@ class MolGNN(nn.Module):
         edge_attr: Tensor,  # [E, 3] bond features
         batch: Tensor,  # [N] graph of each atom
         num_graphs: int,
+        node_mask: Tensor | None = None,  # [N] 1.0 real atom, 0.0 padding (data.padding)
+        hop2_edges: tuple[Tensor, Tensor] | None = None,  # ([2, E2], [E2, 6]) built beforehand
     ) -> ModelOutput:
-        hop1, hop2 = hop_graphs(edge_index, edge_attr, x.size(0), self.needs_hop2)
+        """With ``node_mask`` (a padded batch, whose padding atoms form graphs of their own), the
+        padding enters no BatchNorm statistics and no balance statistic: every real graph gets
+        what it gets without the padding."""
+        hop1, hop2 = hop_graphs(edge_index, edge_attr, x.size(0), self.needs_hop2, hop2_edges)
+        graph_mask = None
+        if node_mask is not None and self.virtual_node is not None:  # graphs with a real atom
+            graph_mask = (node_mask.new_zeros(num_graphs).index_add(0, batch, node_mask) > 0).to(
+                node_mask.dtype)
         h = self.atom_encoder(x)
         virtual = None
         if self.virtual_node is not None:
@@ -129,13 +150,14 @@ class MolGNN(nn.Module):
             if virtual is not None:
                 h = h + virtual[batch]
             h_in = h
-            h, layer_stats = layer(h, hop1, hop2)
+            h, layer_stats = layer(h, hop1, hop2, node_mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
             h = dropout(h if i == last else F.relu(h), self.dropout, self.training)
             if virtual is not None and i < last:
                 pooled = global_add_pool(h_in, batch, size=num_graphs) + virtual
-                virtual = dropout(self.virtual_mlps[i](pooled), self.dropout, self.training)
+                virtual = dropout(_run_mlp(self.virtual_mlps[i], pooled, graph_mask), self.dropout,
+                                  self.training)
 
         logits = self.head(self.pool(h, batch, size=num_graphs))
         if not stats:

@@ -18,7 +18,8 @@ from gmoe_bench.model.experts import (
     grouped_gin,
     slots_of,
 )
-from gmoe_bench.model.gate import Routing, build_gate, cv_squared
+from gmoe_bench.model.gate import Routing, build_gate, count_pairs, cv_squared
+from gmoe_bench.model.norm import batch_norm
 
 
 class HopGraph(NamedTuple):
@@ -76,9 +77,16 @@ class GMoELayer(nn.Module):
             norm.reset_parameters()
         self.gate.reset_parameters()
 
-    def forward(self, x: Tensor, hop1: HopGraph, hop2: HopGraph | None) -> tuple[Tensor, LayerStats]:
-        routing = self.gate(x)
+    def forward(self, x: Tensor, hop1: HopGraph, hop2: HopGraph | None,
+                mask: Tensor | None = None) -> tuple[Tensor, LayerStats]:
+        """``mask`` ``[N]`` marks the real rows of a padded batch (1.0; padding 0.0), which alone
+        enter BatchNorm statistics, importance, load and counts: dense dispatch only, whose
+        shapes do not depend on the routing."""
+        routing = self.gate(x, mask)
         if self.dispatch == "sparse":
+            if mask is not None:
+                raise ValueError("a padded batch (CUDA graphs) needs moe.dispatch=dense: sparse "
+                                 "dispatch's shapes follow the routing")
             # with k ≥ n/2 experts per node nearly every node sends to every expert: one product
             # for all is cheaper
             all_sources = None
@@ -88,19 +96,21 @@ class GMoELayer(nn.Module):
             out = run_experts(x, routing.node, routing.expert, routing.weight, self.convs,
                               self.norms, self.num_hop1, hop1, hop2, all_sources)
         else:
-            out = self._dense(x, routing, hop1, hop2)
+            out = self._dense(x, routing, hop1, hop2, mask)
         if self.combine == "mean":
             out = out / self.num_experts
-        counts = torch.bincount(routing.expert, minlength=self.num_experts)
+        counts = count_pairs(routing.expert, self.num_experts,
+                             None if mask is None else mask[routing.node])
         return out, LayerStats(cv_squared(routing.importance), cv_squared(routing.load), counts)
 
-    def _dense(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None) -> Tensor:
+    def _dense(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None,
+               mask: Tensor | None) -> Tensor:
         gates = routing.dense_gates(x.size(0), self.num_experts)  # [N, n]
         out = torch.zeros_like(x)
         for e, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
             g = hop1 if e < self.num_hop1 else hop2
             assert g is not None, "hop-2 experts need the hop-2 graph"
-            y = norm(conv(x, g.edge_index, g.edge_attr, g.deg, x.size(0)))
+            y = batch_norm(conv(x, g.edge_index, g.edge_attr, g.deg, x.size(0), mask), norm, mask)
             out = out + gates[:, e : e + 1] * y
         return out
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import global_add_pool
 
 from gmoe_bench.model.experts import ExpertSlots, grouped_batch_norm
-from gmoe_bench.model.gate import Segments, cv_squared
+from gmoe_bench.model.gate import Segments, count_pairs, cv_squared
 from gmoe_bench.model.gnn import MolGNN, hop_graphs
 from gmoe_bench.model.moe import GMoELayer, HopGraph, LayerStats, is_gcn, run_experts
 
@@ -163,7 +163,7 @@ def _gmoe(layers: Sequence[GMoELayer], x: Tensor, layout: SeedLayout, hop1: HopG
                       first.num_hop1 * num_seeds, hop1, hop2, all_sources, num_seeds)
     if first.combine == "mean":
         out = out / n
-    counts = torch.bincount(seed[routing.node] * n + routing.expert, minlength=num_seeds * n)
+    counts = count_pairs(seed[routing.node] * n + routing.expert, num_seeds * n)
     return out, LayerStats(cv_squared(routing.importance), cv_squared(routing.load),
                            counts.view(num_seeds, n))
 
