@@ -17,6 +17,16 @@ from torch_geometric.nn import MessagePassing
 from gmoe_bench.model.norm import batch_norm
 
 
+def lookup_sum(tables: nn.ModuleList, features: Tensor) -> Tensor:
+    r"""OGB's Atom/BondEncoder sum :math:`\sum_c T_c[f_c]` over the feature columns, by row lookups
+    (``index_select``): their gradient is one scatter-add per table, where ``nn.Embedding``'s is a
+    chain of sorting kernels on a GPU (hundreds per GMoE step). ``[M, C] -> [M, D]``."""
+    out = tables[0].weight.index_select(0, features[:, 0])
+    for c in range(1, len(tables)):
+        out = out + tables[c].weight.index_select(0, features[:, c])
+    return out
+
+
 class PathBondEncoder(nn.Module):
     r"""Embeds a 2-hop path by its two bonds: :math:`e = \mathrm{Bond}_1(b_{ij}) + \mathrm{Bond}_2(b_{jk})`.
 
@@ -36,12 +46,20 @@ class PathBondEncoder(nn.Module):
 
     def forward(self, edge_attr: Tensor) -> Tensor:  # [E, 6] -> [E, emb_dim]
         half = edge_attr.size(1) // 2
-        return self.first(edge_attr[:, :half]) + self.second(edge_attr[:, half:])
+        return (lookup_sum(self.first.bond_embedding_list, edge_attr[:, :half])
+                + lookup_sum(self.second.bond_embedding_list, edge_attr[:, half:]))
 
 
 def bond_encoder(emb_dim: int, hops: int) -> nn.Module:
     """OGB's BondEncoder for bonds (hops=1), :class:`PathBondEncoder` for 2-hop paths (hops=2)."""
     return BondEncoder(emb_dim) if hops == 1 else PathBondEncoder(emb_dim)
+
+
+def embed_bonds(encoder: nn.Module, edge_attr: Tensor) -> Tensor:
+    """``encoder(edge_attr)`` (a bond or a 2-hop path encoder) by :func:`lookup_sum`."""
+    if isinstance(encoder, PathBondEncoder):
+        return encoder(edge_attr)
+    return lookup_sum(encoder.bond_embedding_list, edge_attr)
 
 
 def _reset_bond_encoder(encoder: nn.Module) -> None:
@@ -89,8 +107,9 @@ class OGBGCNConv(MessagePassing):
         deg_inv_sqrt = deg.pow(-0.5)
         src, dst = edge_index
         norm = deg_inv_sqrt[src] * deg_inv_sqrt[dst]
-        out = self.propagate(edge_index, x=(h, h[:num_targets]), edge_attr=self.bond_encoder(edge_attr),
-                             norm=norm, size=(h.size(0), num_targets))
+        bonds = embed_bonds(self.bond_encoder, edge_attr)
+        out = self.propagate(edge_index, x=(h, h[:num_targets]), edge_attr=bonds, norm=norm,
+                             size=(h.size(0), num_targets))
         return out + F.relu(h[:num_targets] + self.root_emb.weight) / deg[:num_targets, None]
 
     def message(self, x_j: Tensor, edge_attr: Tensor, norm: Tensor) -> Tensor:
@@ -133,7 +152,8 @@ class OGBGINConv(MessagePassing):
         mask: Tensor | None = None,  # [num_targets] real rows of a padded batch (its BatchNorm)
     ) -> Tensor:  # [num_targets, D]
         x_dst = x[:num_targets]
-        agg = self.propagate(edge_index, x=(x, x_dst), edge_attr=self.bond_encoder(edge_attr),
+        agg = self.propagate(edge_index, x=(x, x_dst),
+                             edge_attr=embed_bonds(self.bond_encoder, edge_attr),
                              size=(x.size(0), num_targets))
         h = self.mlp[0]((1 + self.eps) * x_dst + agg)
         h = F.relu(batch_norm(h, self.mlp[1], mask))

@@ -13,7 +13,7 @@ from torch_geometric.nn import global_add_pool, global_max_pool, global_mean_poo
 from torch_geometric.utils import degree
 
 from gmoe_bench.data.hop2 import two_hop_edges
-from gmoe_bench.model.conv import CONVS
+from gmoe_bench.model.conv import CONVS, lookup_sum
 from gmoe_bench.model.moe import GMoELayer, HopGraph, LayerStats
 from gmoe_bench.model.norm import batch_norm
 
@@ -140,7 +140,7 @@ class MolGNN(nn.Module):
         if node_mask is not None and self.virtual_node is not None:  # graphs with a real atom
             graph_mask = (node_mask.new_zeros(num_graphs).index_add(0, batch, node_mask) > 0).to(
                 node_mask.dtype)
-        h = self.atom_encoder(x)
+        h = lookup_sum(self.atom_encoder.atom_embedding_list, x)  # = self.atom_encoder(x)
         virtual = None
         if self.virtual_node is not None:
             virtual = self.virtual_node.weight.expand(num_graphs, -1)
