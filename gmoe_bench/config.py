@@ -147,6 +147,9 @@ class TrainerConfig:
     # seeds trained together in lockstep, as one computation (docs/grouped.md); each keeps its own
     # weights, data order, random numbers and results
     seeds_per_group: int = key(1, ge=1, execution=True, note="1: one seed at a time")
+    # each training step captured once per padded batch shape and replayed as a CUDA graph
+    # (docs/grouped.md): a GPU only; GMoE needs moe.dispatch=dense
+    cuda_graphs: bool = key(False, execution=True)
 
 
 @dataclass
@@ -309,6 +312,15 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
              f"seeds={typed.seeds}: every seed must be between 0 and 2**32 - 1 (numpy's range).")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
              f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N.")
+    if t.cuda_graphs:
+        _require(t.device != "cpu", "trainer.cuda_graphs=true needs a GPU but trainer.device=cpu; "
+                 "use trainer.device=cuda or trainer.cuda_graphs=false.")
+        _require(not moe.enabled or moe.dispatch == Dispatch.dense,
+                 "trainer.cuda_graphs=true needs moe.dispatch=dense (sparse dispatch's shapes "
+                 "follow the routing, which no captured graph can hold); set moe.dispatch=dense.")
+        _require(not moe.enabled or moe.gate != Gate.expert_choice,
+                 "trainer.cuda_graphs=true cannot run moe.gate=expert_choice (its capacity "
+                 "follows each batch's atom count); use moe.gate=top_k or dense.")
     return typed
 
 

@@ -112,7 +112,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     """
     typed = validate(cfg)
     set_threads(typed.trainer.cpu_threads)
-    device = resolve_device(typed.trainer.device)
+    device = resolve_device(typed.trainer.device, typed.trainer.cuda_graphs)
     data = load_dataset(typed.dataset)
     model_name = describe(typed)
     checkpoints = checkpoint_directory(typed, data.name, data.fingerprint)

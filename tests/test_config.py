@@ -71,6 +71,11 @@ def test_gmoe_group_and_overrides() -> None:
     (["trainer.epochs=ten"], r"trainer.epochs='ten' is not an integer; e.g. trainer.epochs=100"),
     (["moe.topk=2"], "Unknown config key 'moe.topk'. Did you mean 'moe.top_k'?"),
     (["seeds=[0,1"], "Cannot parse the override 'seeds=\\[0,1'"),
+    (["trainer.cuda_graphs=true", "trainer.device=cpu"],
+     r"trainer.cuda_graphs=true needs a GPU but trainer.device=cpu; use trainer.device=cuda"),
+    (["trainer.cuda_graphs=true", "moe=gmoe"], r"needs moe.dispatch=dense .*; set moe.dispatch=dense"),
+    (["trainer.cuda_graphs=true", "moe=gmoe", "moe.dispatch=dense", "moe.gate=expert_choice"],
+     "cannot run moe.gate=expert_choice"),
 ])
 def test_bad_values_are_one_clear_error(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

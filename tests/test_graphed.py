@@ -4,18 +4,25 @@ eagerly on the padded batches, which must train each seed exactly as the unpadde
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from gmoe_bench.config import validate
 from gmoe_bench.data.hop2 import two_hop_edges
+from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.data.padding import EDGE_MULTIPLE, NODE_MULTIPLE, pad_batch, pad_together, padded_shape
+from gmoe_bench.engine.checkpoint import SeedCheckpoint
 from gmoe_bench.engine.graphed import GraphedTrainStep, check_graphable
-from gmoe_bench.engine.loop import train_step
-from gmoe_bench.engine.run import build_optimizer
+from gmoe_bench.engine.loop import train_epoch, train_step
+from gmoe_bench.engine.run import build_optimizer, resolve_device, start_seed
+from gmoe_bench.errors import ConfigError
 from gmoe_bench.model import MolGNN
+from gmoe_bench.model.gnn import hop_graphs
 from gmoe_bench.model.norm import batch_norm
+from tests.test_robustness import compose_cfg
 from tests.test_seed_group import TASK, batches, build
 
 GRAPHABLE = ["gcn", "gin-virtual", "gmoe-gcn-dense-dispatch"]
@@ -136,3 +143,70 @@ def test_padded_shape_has_room_for_the_padding_graph() -> None:
     b = batches(1)[0]
     num_nodes, _, num_hop2, num_graphs = padded_shape(b, None, 32)
     assert num_nodes > b.num_nodes and num_hop2 == 0 and num_graphs == 33
+
+
+def test_an_epoch_through_the_graphed_step_equals_the_plain_epoch(small_mirror: Path,
+                                                                    tmp_path: Path) -> None:
+    """train_epoch with trainer.cuda_graphs' step (eager here: no GPU) gives each seed of a group
+    the losses and expert counts of the plain lockstep epoch; the last, smaller batch included."""
+    cfg = validate(compose_cfg(tmp_path, small_mirror, "moe=gmoe", "experts=n4_half",
+                               "moe.top_k=2", "moe.dispatch=dense", "moe.noisy_gating=false",
+                               "model.hidden_dim=16", "model.dropout=0", "trainer.batch_size=7"))
+    data = load_dataset(cfg.dataset)
+    cpu = torch.device("cpu")
+    stats = []
+    for graphs in (False, True):
+        runs = [start_seed(cfg, data, seed, cpu, SeedCheckpoint(tmp_path / "none", seed), False,
+                           resume=False) for seed in (0, 1)]
+        models, optimizers = [r.model for r in runs], [r.optimizer for r in runs]
+        graphed = GraphedTrainStep(models, optimizers, data.task_type, capture=False)
+        stats.append(train_epoch(models, [r.loader for r in runs], optimizers, cpu,
+                                 data.task_type, 0.0, False, None, graphed if graphs else None))
+        if graphs:
+            assert graphed.steps == len(runs[0].loader)  # every step went through it
+    for plain, graphed_stats in zip(*stats, strict=True):
+        assert graphed_stats.task_loss == pytest.approx(plain.task_loss, rel=1e-4)
+        assert graphed_stats.aux_loss == pytest.approx(plain.aux_loss, rel=1e-4)
+        assert (graphed_stats.expert_counts == plain.expert_counts).all()
+
+
+def test_cuda_graphs_without_a_gpu_is_one_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="needs a GPU, but this machine has none"):
+        resolve_device("auto", cuda_graphs=True)
+
+
+@pytest.mark.parametrize("setting", ["gmoe-gcn-dense-dispatch", "gmoe-gin-dense-dispatch"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_dense_experts_equal_one_expert_at_a_time(setting: str, padded: bool) -> None:
+    """Dense dispatch runs its experts as one grouped computation; it must equal the official
+    formulation, one expert at a time: outputs, input gradients and running statistics, in
+    training and evaluation, on a padded batch too."""
+    layer = build(setting, 0).layers[0]
+    b = batches(1)[0]
+    if padded:
+        p = pad_together([b], True, 8)[0]
+        x_index, graph, mask = p.x, (p.edge_index, p.edge_attr, (p.hop2_index, p.hop2_attr)), p.node_mask
+    else:
+        x_index, graph, mask = b.x, (b.edge_index, b.edge_attr, None), None
+    num_nodes, real = x_index.size(0), b.num_nodes
+    hop1, hop2 = hop_graphs(graph[0], graph[1], num_nodes, True, graph[2])
+    torch.manual_seed(1)
+    x = torch.randn(num_nodes, layer.norms[0].num_features)
+    for training in (True, False):
+        grouped, reference = copy.deepcopy(layer).train(training), copy.deepcopy(layer).train(training)
+        with torch.no_grad():
+            routing = grouped.gate(x, mask)
+        outputs, grads = [], []
+        for run in (grouped._dense, reference.dense_reference):
+            x_in = x.clone().requires_grad_()
+            out = run(x_in, routing, hop1, hop2, mask)[:real]
+            (out ** 2).sum().backward()
+            outputs.append(out)
+            grads.append(x_in.grad[:real])
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+        for a, r in zip(grouped.norms, reference.norms, strict=True):
+            torch.testing.assert_close(a.running_mean, r.running_mean)
+            torch.testing.assert_close(a.running_var, r.running_var)

@@ -11,16 +11,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
-from torch_geometric.data import Batch
 
 from gmoe_bench.data.hop2 import two_hop_edges
 
 # Rows are rounded up to these multiples: few shapes (few graphs to capture), little padding.
 NODE_MULTIPLE, EDGE_MULTIPLE = 128, 256
+
+
+class GraphBatch(Protocol):
+    """A collated batch: a PyG ``Batch``, or :class:`Graphs` (after node dropping, say)."""
+
+    x: Tensor
+    edge_index: Tensor
+    edge_attr: Tensor
+    batch: Tensor
+    y: Tensor
+
+    @property
+    def num_graphs(self) -> int: ...
+
+
+class Graphs(NamedTuple):
+    x: Tensor  # [N, 9]
+    edge_index: Tensor  # [2, E]
+    edge_attr: Tensor  # [E, 3]
+    batch: Tensor  # [N]
+    y: Tensor  # [G, T]
+    num_graphs: int
 
 
 class PaddedBatch(NamedTuple):
@@ -48,10 +69,10 @@ def _round_up(count: int, multiple: int) -> int:
     return multiple * math.ceil(count / multiple)
 
 
-def padded_shape(batch: Batch, hop2: tuple[Tensor, Tensor] | None,
+def padded_shape(batch: GraphBatch, hop2: tuple[Tensor, Tensor] | None,
                  batch_size: int) -> tuple[int, int, int, int]:
     """The smallest padded shape for ``batch``: at least one padding atom (the padding graph's)."""
-    return (_round_up(batch.num_nodes + 1, NODE_MULTIPLE),
+    return (_round_up(batch.x.size(0) + 1, NODE_MULTIPLE),
             _round_up(batch.edge_index.size(1), EDGE_MULTIPLE),
             0 if hop2 is None else _round_up(hop2[0].size(1), EDGE_MULTIPLE),
             batch_size + 1)
@@ -68,12 +89,12 @@ def _pad_edges(index: Tensor, attr: Tensor, count: int, pad_atom: int) -> tuple[
     return torch.cat([index, loops], 1), _pad_rows(attr, count)
 
 
-def pad_batch(batch: Batch, hop2: tuple[Tensor, Tensor] | None,
+def pad_batch(batch: GraphBatch, hop2: tuple[Tensor, Tensor] | None,
               shape: tuple[int, int, int, int]) -> PaddedBatch:
     """``batch`` (with its 2-hop paths ``hop2`` when the model needs them) padded to ``shape``, as
     :func:`padded_shape` gives it or larger (several seeds' batches padded to their largest)."""
     num_nodes, num_edges, num_hop2, num_graphs = shape
-    real_nodes, real_graphs = batch.num_nodes, batch.num_graphs
+    real_nodes, real_graphs = batch.x.size(0), batch.num_graphs
     if num_nodes <= real_nodes or num_edges < batch.edge_index.size(1) or num_graphs <= real_graphs:
         raise ValueError(f"shape {shape} is smaller than the batch's "
                          f"{padded_shape(batch, hop2, real_graphs)}")
@@ -94,10 +115,13 @@ def pad_batch(batch: Batch, hop2: tuple[Tensor, Tensor] | None,
         hop2_index=hop2_index, hop2_attr=hop2_attr, num_real_graphs=real_graphs)
 
 
-def pad_together(batches: Sequence[Batch], needs_hop2: bool, batch_size: int) -> list[PaddedBatch]:
-    """Each batch (one per seed of a group) padded to the same shape, the smallest that holds all;
-    2-hop paths built first when ``needs_hop2``."""
-    hop2s = [two_hop_edges(b.edge_index, b.edge_attr, b.num_nodes) if needs_hop2 else None
+def pad_together(batches: Sequence[GraphBatch], needs_hop2: bool,
+                 batch_size: int | None = None) -> list[PaddedBatch]:
+    """Each batch (one per seed of a group) padded to the same shape, the smallest that holds all,
+    with ``batch_size`` graphs (default: the largest batch's) and the padding graph; 2-hop paths
+    built first when ``needs_hop2``."""
+    batch_size = batch_size or max(b.num_graphs for b in batches)
+    hop2s = [two_hop_edges(b.edge_index, b.edge_attr, b.x.size(0)) if needs_hop2 else None
              for b in batches]
     shapes = [padded_shape(b, h, batch_size) for b, h in zip(batches, hop2s, strict=True)]
     shape = tuple(max(column) for column in zip(*shapes, strict=True))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from gmoe_bench.data.padding import PaddedBatch
-from gmoe_bench.engine.loop import task_loss
+from gmoe_bench.engine.loss import task_loss
 from gmoe_bench.model import MolGNN
 from gmoe_bench.model.gate import ExpertChoiceGate
 from gmoe_bench.model.moe import GMoELayer

@@ -9,7 +9,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ogb.graphproppred import Evaluator
 from torch import Tensor
 from torch_geometric.data import Batch
@@ -17,6 +16,9 @@ from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
 from gmoe_bench.data.augment import drop_nodes
+from gmoe_bench.data.padding import Graphs, pad_together
+from gmoe_bench.engine.graphed import GraphedTrainStep
+from gmoe_bench.engine.loss import task_loss
 from gmoe_bench.errors import TrainingError
 from gmoe_bench.model import MolGNN
 from gmoe_bench.model.seed_group import GroupOutput, group_forward
@@ -30,20 +32,6 @@ class EpochStats:
     graphs: int
     skipped_batches: int  # one-atom or one-graph batches, which BatchNorm cannot normalise in training
     expert_counts: np.ndarray | None  # [L, n] nodes routed to each expert over the epoch
-
-
-def task_loss(logits: Tensor, y: Tensor, task_type: str) -> Tensor:
-    """BCE-with-logits (classification) or MSE (regression) over the labelled entries only.
-    Masked rather than indexed, so its shapes never depend on the labels: no host sync, and a
-    CUDA graph can hold it; a batch with no labels gives 0."""
-    y = y.view(logits.shape).to(logits.dtype)
-    labelled = ~torch.isnan(y)
-    y = torch.where(labelled, y, 0.0)
-    if "classification" in task_type:
-        per_entry = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    else:
-        per_entry = F.mse_loss(logits, y, reduction="none")
-    return torch.where(labelled, per_entry, 0.0).sum() / labelled.sum().clamp(min=1)
 
 
 class JoinedBatch(NamedTuple):
@@ -105,6 +93,24 @@ def train_step(models: Sequence[MolGNN], optimizers: Sequence[torch.optim.Optimi
     return losses, out
 
 
+def graphed_step(graphed: GraphedTrainStep, batches: Sequence[Batch], drop_node_p: float,
+                 streams: Sequence[torch.Generator] | None) -> tuple[Tensor, GroupOutput]:
+    """:func:`train_step` of every seed through ``graphed``: node dropping (eager, from each
+    seed's stream), padding to one shape, the captured step."""
+    parts = []
+    for i, b in enumerate(batches):
+        x, edge_index, edge_attr, node_graph = b.x, b.edge_index, b.edge_attr, b.batch
+        if drop_node_p > 0:
+            x, edge_index, edge_attr, node_graph = drop_nodes(
+                x, edge_index, edge_attr, node_graph, b.num_graphs, drop_node_p,
+                None if streams is None else streams[i])
+        parts.append(Graphs(x, edge_index, edge_attr, node_graph, b.y, b.num_graphs))
+    out = graphed(pad_together(parts, graphed.models[0].needs_hop2))
+    # the graph's outputs are rewritten by its next replay: the counts are kept past it
+    counts = None if out.expert_counts is None else out.expert_counts.clone()
+    return out.losses, GroupOutput(out.losses, out.aux_losses, counts)
+
+
 def trainable(batch: Batch) -> bool:
     """As OGB, a batch of one atom or one graph is skipped: BatchNorm needs two values."""
     return batch.num_nodes >= 2 and batch.num_graphs >= 2
@@ -113,10 +119,12 @@ def trainable(batch: Batch) -> bool:
 def train_epoch(models: Sequence[MolGNN], loaders: Sequence[DataLoader],
                 optimizers: Sequence[torch.optim.Optimizer], device: torch.device, task_type: str,
                 drop_node_p: float, progress: bool,
-                streams: Sequence[torch.Generator] | None) -> list[EpochStats]:
+                streams: Sequence[torch.Generator] | None,
+                graphed: GraphedTrainStep | None = None) -> list[EpochStats]:
     """One epoch of each seed of a group, in lockstep: step ``t`` trains every seed on its own
     ``t``-th batch (the loaders hold the same graphs, each in its seed's order). Times are the
-    group's."""
+    group's. With ``graphed`` (``trainer.cuda_graphs``, built over ``models``), a step in which
+    every seed trains runs there, on the batches padded to one shape."""
     for model in models:
         model.train()
     num_seeds = len(models)
@@ -133,9 +141,12 @@ def train_epoch(models: Sequence[MolGNN], loaders: Sequence[DataLoader],
         if not active:
             continue
         moved = [batches[i].to(device, non_blocking=True) for i in active]
-        losses, out = train_step([models[i] for i in active], [optimizers[i] for i in active],
-                                 moved, task_type, drop_node_p,
-                                 None if streams is None else [streams[i] for i in active])
+        if graphed is not None and len(active) == num_seeds:
+            losses, out = graphed_step(graphed, moved, drop_node_p, streams)
+        else:
+            losses, out = train_step([models[i] for i in active], [optimizers[i] for i in active],
+                                     moved, task_type, drop_node_p,
+                                     None if streams is None else [streams[i] for i in active])
         index = torch.tensor(active, device=device)
         loss_sum.index_add_(0, index, losses.detach())
         aux_sum.index_add_(0, index, out.aux_loss.detach())

@@ -18,6 +18,7 @@ from torch_geometric.loader import DataLoader
 from gmoe_bench.config import TrainConfig
 from gmoe_bench.data.ogb import MolDataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state
+from gmoe_bench.engine.graphed import GraphedTrainStep
 from gmoe_bench.engine.loop import EpochStats, NonFinitePredictions, evaluate, train_epoch
 from gmoe_bench.errors import ConfigError, TrainingError, UserError, describe_error
 from gmoe_bench.model import MolGNN, build_model
@@ -40,10 +41,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is a ConfigError."""
+def resolve_device(name: str, cuda_graphs: bool = False) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one, or for CUDA
+    graphs (``cuda_graphs``) on a CPU, is a ConfigError."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if cuda_graphs and device.type != "cuda":
+            raise ConfigError("trainer.cuda_graphs=true needs a GPU, but this machine has none "
+                              f"visible (torch {torch.__version__}); use trainer.cuda_graphs=false.")
+        return device
     device = torch.device(name)
     if device.type == "cuda" and (not torch.cuda.is_available()
                                   or (device.index or 0) >= torch.cuda.device_count()):
@@ -97,12 +103,15 @@ def start_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.devi
     shuffle = torch.Generator().manual_seed(seed)
     loader = DataLoader(data.graphs[data.split["train"]], batch_size=cfg.trainer.batch_size,
                         shuffle=True, generator=shuffle, num_workers=cfg.trainer.num_workers)
-    run = SeedRun(seed, model, build_optimizer(model, cfg.trainer.lr), shuffle, stream, loader,
-                  checkpoint)
+    capturable = cfg.trainer.cuda_graphs and device.type == "cuda"
+    run = SeedRun(seed, model, build_optimizer(model, cfg.trainer.lr, capturable), shuffle, stream,
+                  loader, checkpoint)
     state = checkpoint.load(model.state_dict()) if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
+        for group in run.optimizer.param_groups:  # the saved setting is the earlier run's
+            group["capturable"] = capturable
         restore_rng_state(state["rng"], shuffle, stream)
         run.records = [EpochRecord(**r) for r in state["records"]]
         run.elapsed = state["wall_seconds"]
@@ -160,14 +169,18 @@ def _train_group(cfg: TrainConfig, data: MolDataset, runs: list[SeedRun], device
     saved: set[int] = set()  # seeds whose checkpoint this process wrote
     start = time.perf_counter()
     epoch = len(runs[0].records)
+    graphed: GraphedTrainStep | None = None  # its captures serve every epoch of these models
     while runs and epoch < t.epochs:
         epoch += 1
         models = [run.model for run in runs]
         streams = None if runs[0].stream is None else [run.stream for run in runs]
+        if t.cuda_graphs and (graphed is None or graphed.models != models):
+            graphed = GraphedTrainStep(models, [run.optimizer for run in runs], data.task_type,
+                                       capture=device.type == "cuda")
         try:
             stats = train_epoch(models, [run.loader for run in runs],
                                 [run.optimizer for run in runs], device, data.task_type,
-                                cfg.dataset.drop_node_p, t.progress, streams)
+                                cfg.dataset.drop_node_p, t.progress, streams, graphed)
             diverged = {i: f"the training loss became {s.task_loss} (auxiliary {s.aux_loss})"
                         for i, s in enumerate(stats)
                         if not (math.isfinite(s.task_loss) and math.isfinite(s.aux_loss))}

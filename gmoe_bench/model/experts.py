@@ -251,3 +251,44 @@ def grouped_gin(x: Tensor, targets: ExpertSlots, hops: list[HopPairs],
     h = grouped_linear(z, targets, first)
     h = F.relu(grouped_batch_norm(h, targets, [conv.mlp[1] for conv in convs]))
     return grouped_linear(h, targets, [conv.mlp[3] for conv in convs])
+
+
+def dense_experts(x: Tensor, gates: Tensor, convs: Sequence[nn.Module],
+                  norms: Sequence[nn.BatchNorm1d], hops: Sequence[tuple[range, Tensor, Tensor, Tensor]],
+                  mask: Tensor | None) -> Tensor:
+    r"""Every expert on every node, as one grouped computation, weighted by ``gates`` ``[N, n]``:
+    :math:`h_i = \sum_e g_{ie}\, \mathrm{BN}_e(\mathrm{conv}_e(x))_i`. ``[N, D]``.
+
+    The dense layout is known before the data (row ``e · N + i`` holds node ``i`` at expert ``e``),
+    so no shape depends on the routing: a CUDA graph can hold it, and its number of operations does
+    not grow with ``n``. ``hops``: for each kind of expert, ``(experts, edge_index, edge_attr,
+    deg)``. ``mask`` ``[N]`` marks the real rows of a padded batch, which come first (the padding is
+    appended); BatchNorm's statistics are taken over them.
+    """
+    num_nodes, n = x.size(0), len(convs)
+    device = x.device
+    expert = torch.arange(n, device=device)[:, None].expand(n, num_nodes).flatten()  # expert-major
+    node = torch.arange(num_nodes, device=device).repeat(n)
+    real = num_nodes if mask is None else mask.sum().long()
+    counts = torch.as_tensor(real, device=device).expand(n)
+    targets = ExpertSlots(node, expert, expert * num_nodes + node, counts, num_nodes)
+    hop_pairs, deg = [], x.new_empty(n * num_nodes)
+    for experts, edge_index, edge_attr, hop_deg in hops:
+        num_edges = edge_index.size(1)
+        edge = torch.arange(num_edges, device=device).repeat(len(experts))
+        pair_expert = torch.arange(experts.start, experts.stop, device=device)[:, None].expand(
+            len(experts), num_edges).flatten()
+        src, dst = edge_index[0, edge], edge_index[1, edge]
+        pairs = EdgePairs(edge, pair_expert, src, dst, pair_expert * num_nodes + dst)
+        hop_pairs.append(HopPairs(pairs, edge_attr, hop_deg, experts.start,
+                                  [convs[e].bond_encoder for e in experts]))
+        mine = (expert >= experts.start) & (expert < experts.stop)
+        deg = torch.where(mine, hop_deg[node], deg)
+    if isinstance(convs[0], OGBGCNConv):
+        all_sources = F.linear(x, torch.cat([conv.linear.weight for conv in convs]),
+                               torch.cat([conv.linear.bias for conv in convs]))
+        y = grouped_gcn(x, targets, hop_pairs, deg, convs, all_sources)
+    else:
+        y = grouped_gin(x, targets, hop_pairs, convs)
+    y = grouped_batch_norm(y, targets, norms)  # [n * N, D]
+    return (y.view(n, num_nodes, -1) * gates.T[:, :, None]).sum(0)

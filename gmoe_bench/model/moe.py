@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from gmoe_bench.model.conv import CONVS, OGBGCNConv
 from gmoe_bench.model.experts import (
     HopPairs,
+    dense_experts,
     edge_pairs,
     grouped_batch_norm,
     grouped_gcn,
@@ -105,6 +106,19 @@ class GMoELayer(nn.Module):
 
     def _dense(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None,
                mask: Tensor | None) -> Tensor:
+        gates = routing.dense_gates(x.size(0), self.num_experts)  # [N, n]
+        hops = []
+        for experts, graph in ((range(0, self.num_hop1), hop1),
+                               (range(self.num_hop1, self.num_experts), hop2)):
+            if len(experts):
+                assert graph is not None, "hop-2 experts need the hop-2 graph"
+                hops.append((experts, graph.edge_index, graph.edge_attr, graph.deg))
+        return dense_experts(x, gates, self.convs, self.norms, hops, mask)
+
+    def dense_reference(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None,
+                        mask: Tensor | None = None) -> Tensor:
+        """Dense dispatch one expert at a time, as the official code runs it: what the grouped
+        computation must equal (the tests compare them)."""
         gates = routing.dense_gates(x.size(0), self.num_experts)  # [N, n]
         out = torch.zeros_like(x)
         for e, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
