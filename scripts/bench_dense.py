@@ -33,11 +33,11 @@ from gmoe_bench.model.moe import GMoELayer
 from gmoe_bench.records import code_commit, hardware
 
 
-def one_expert_at_a_time(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with each GMoE layer's dense dispatch replaced by the per-expert loop."""
+def dense_by(model: torch.nn.Module, grouped: bool) -> torch.nn.Module:
+    """``model`` with each GMoE layer's dense dispatch fixed to one form, whatever the device."""
     for layer in model.modules():
         if isinstance(layer, GMoELayer):
-            layer._dense = layer.dense_reference  # type: ignore[method-assign]
+            layer._dense = layer.dense_grouped if grouped else layer.dense_reference  # type: ignore[method-assign]
     return model
 
 
@@ -65,8 +65,7 @@ def main() -> None:
                 model = build_model(ModelConfig(backbone, 5, 300, 0.5, False, "mean"),
                                     MoEConfig(n, n, 4, 1.0, True, "sum", "dense", True, "top_k"),
                                     1).to(device)
-                if not grouped:
-                    one_expert_at_a_time(model)
+                dense_by(model, grouped)
                 row[label] = time_model(model, fixed, device, 1, args.repeats)["step_ms"]
             row["ratio"] = row["grouped_ms"] / row["per_expert_ms"]
             print(f"GMoE-{backbone.upper()} n={n} k=4 dense: grouped {row['grouped_ms']:.1f} ms, "

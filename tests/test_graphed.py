@@ -199,7 +199,7 @@ def test_grouped_dense_experts_equal_one_expert_at_a_time(setting: str, padded: 
         with torch.no_grad():
             routing = grouped.gate(x, mask)
         outputs, grads = [], []
-        for run in (grouped._dense, reference.dense_reference):
+        for run in (grouped.dense_grouped, reference.dense_reference):
             x_in = x.clone().requires_grad_()
             out = run(x_in, routing, hop1, hop2, mask)[:real]
             (out ** 2).sum().backward()

@@ -106,6 +106,16 @@ class GMoELayer(nn.Module):
 
     def _dense(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None,
                mask: Tensor | None) -> Tensor:
+        # The same sums either way. A GPU step is bound by its number of kernels, which the
+        # grouped form keeps independent of n; on a CPU the per-expert loop is faster
+        # (results/bench/dense_x86_64_cpu_2_cores.md: grouped 1.13-1.33x slower).
+        run = self.dense_grouped if x.is_cuda else self.dense_reference
+        return run(x, routing, hop1, hop2, mask)
+
+    def dense_grouped(self, x: Tensor, routing: Routing, hop1: HopGraph, hop2: HopGraph | None,
+                      mask: Tensor | None = None) -> Tensor:
+        """Dense dispatch with every expert in one grouped computation
+        (:func:`~gmoe_bench.model.experts.dense_experts`)."""
         gates = routing.dense_gates(x.size(0), self.num_experts)  # [N, n]
         hops = []
         for experts, graph in ((range(0, self.num_hop1), hop1),
