@@ -62,6 +62,21 @@ def join(graphs: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, int]]) -> Joined
         node_sizes, graph_sizes)
 
 
+def with_nodes_dropped(batches: Sequence[Batch], drop_node_p: float,
+                       streams: Sequence[torch.Generator] | None) -> list[Graphs]:
+    """Each seed's batch, with each atom dropped with probability ``drop_node_p`` (from the
+    seed's own stream; None: torch's global one)."""
+    out = []
+    for i, b in enumerate(batches):
+        x, edge_index, edge_attr, node_graph = b.x, b.edge_index, b.edge_attr, b.batch
+        if drop_node_p > 0:
+            x, edge_index, edge_attr, node_graph = drop_nodes(
+                x, edge_index, edge_attr, node_graph, b.num_graphs, drop_node_p,
+                None if streams is None else streams[i])
+        out.append(Graphs(x, edge_index, edge_attr, node_graph, b.y, b.num_graphs))
+    return out
+
+
 def train_step(models: Sequence[MolGNN], optimizers: Sequence[torch.optim.Optimizer],
                batches: Sequence[Batch], task_type: str, drop_node_p: float,
                streams: Sequence[torch.Generator] | None) -> tuple[Tensor, GroupOutput]:
@@ -72,15 +87,8 @@ def train_step(models: Sequence[MolGNN], optimizers: Sequence[torch.optim.Optimi
     global random state, as a solo run). Returns the task losses ``[S]`` and the output as device
     tensors: reading them is the caller's (one host sync per epoch). The benchmarks
     (scripts/bench*.py) time this same step."""
-    graphs = []
-    for i, b in enumerate(batches):
-        x, edge_index, edge_attr, node_graph = b.x, b.edge_index, b.edge_attr, b.batch
-        if drop_node_p > 0:
-            x, edge_index, edge_attr, node_graph = drop_nodes(
-                x, edge_index, edge_attr, node_graph, b.num_graphs, drop_node_p,
-                None if streams is None else streams[i])
-        graphs.append((x, edge_index, edge_attr, node_graph, b.num_graphs))
-    joined = join(graphs)
+    joined = join([(g.x, g.edge_index, g.edge_attr, g.batch, g.num_graphs)
+                   for g in with_nodes_dropped(batches, drop_node_p, streams)])
     out = group_forward(models, *joined, streams)
     logits = out.logits.split(joined.graph_sizes)
     losses = torch.stack([task_loss(seed_logits, b.y, task_type)
@@ -97,14 +105,7 @@ def graphed_step(graphed: GraphedTrainStep, batches: Sequence[Batch], drop_node_
                  streams: Sequence[torch.Generator] | None) -> tuple[Tensor, GroupOutput]:
     """:func:`train_step` of every seed through ``graphed``: node dropping (eager, from each
     seed's stream), padding to one shape, the captured step."""
-    parts = []
-    for i, b in enumerate(batches):
-        x, edge_index, edge_attr, node_graph = b.x, b.edge_index, b.edge_attr, b.batch
-        if drop_node_p > 0:
-            x, edge_index, edge_attr, node_graph = drop_nodes(
-                x, edge_index, edge_attr, node_graph, b.num_graphs, drop_node_p,
-                None if streams is None else streams[i])
-        parts.append(Graphs(x, edge_index, edge_attr, node_graph, b.y, b.num_graphs))
+    parts = with_nodes_dropped(batches, drop_node_p, streams)
     out = graphed(pad_together(parts, graphed.models[0].needs_hop2))
     # the graph's outputs are rewritten by its next replay: the counts are kept past it
     counts = None if out.expert_counts is None else out.expert_counts.clone()
