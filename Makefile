@@ -83,8 +83,9 @@ bench: $(STAMP)  ## speed benchmark (step times over the GMoE grid, hop-2, data 
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_seeds.py
 
-bench-gpu: $(STAMP)  ## GPU benchmark (molhiv epochs of GCN and GMoE-GCN, FLOPs, share of peak) -> results/bench/
+bench-gpu: $(STAMP)  ## GPU benchmark (molhiv epochs eager and from CUDA graphs, FLOPs, share of peak; dense experts) -> results/bench/
 	$(BIN)/python scripts/bench_gpu.py $(ARGS)
+	$(BIN)/python scripts/bench_dense.py --device cuda
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check gmoe_bench scripts tests
