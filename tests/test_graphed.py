@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gmoe_bench.config import validate
+from gmoe_bench.config import ModelConfig, MoEConfig, validate
 from gmoe_bench.data.hop2 import two_hop_edges
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.data.padding import EDGE_MULTIPLE, NODE_MULTIPLE, pad_batch, pad_together, padded_shape
@@ -19,7 +19,7 @@ from gmoe_bench.engine.graphed import GraphedTrainStep, check_graphable
 from gmoe_bench.engine.loop import train_epoch, train_step
 from gmoe_bench.engine.run import build_optimizer, resolve_device, start_seed
 from gmoe_bench.errors import ConfigError
-from gmoe_bench.model import MolGNN
+from gmoe_bench.model import MolGNN, build_model
 from gmoe_bench.model.gnn import hop_graphs
 from gmoe_bench.model.norm import batch_norm
 from tests.test_robustness import compose_cfg
@@ -45,7 +45,7 @@ def test_masked_batch_norm_equals_batch_norm_of_the_real_rows() -> None:
         padded_norm.bias.uniform_(-1, 1)
     norm = copy.deepcopy(padded_norm)
     x_real = x[:7].clone().requires_grad_()
-    x_pad = torch.cat([x_real, x[7:] * 100])  # padding with wild values changes nothing
+    x_pad = torch.cat([x_real, torch.tensor([[1e30] * 4, [float("inf")] * 4, [-1e38] * 4])])
     out = batch_norm(x_pad, padded_norm, mask)
     expected = norm(x_real)
     torch.testing.assert_close(out[:7], expected)
@@ -74,6 +74,25 @@ def test_padded_shapes_round_up_and_join_seeds() -> None:
             b.edge_index, b.edge_attr, b.num_nodes)[0].size(1)
     with pytest.raises(ValueError, match="smaller"):
         pad_batch(parts[0], None, (parts[0].num_nodes, 10**4, 0, 9))
+    hop2 = two_hop_edges(parts[0].edge_index, parts[0].edge_attr, parts[0].num_nodes)
+    with pytest.raises(ValueError, match="smaller"):
+        pad_batch(parts[0], hop2, (10**4, 10**4, hop2[0].size(1) - 1, 99))
+
+
+def test_padding_stays_bounded_in_a_deep_gin_with_a_virtual_node() -> None:
+    """GIN sums its messages unnormalised, so padding atoms (joined by self-loops) would grow
+    without bound over layers and, once infinite, poison the statistics: they are reset to 0
+    after every layer, and the real graphs get the unpadded logits."""
+    model = build_model(ModelConfig("gin", 12, 300, 0.0, True, "mean"),
+                        MoEConfig(0, 0, 1, 0.0, False, "sum", "dense", True, "top_k"), 1).train()
+    b = batches(1)[0]
+    p = pad_together([b], needs_hop2=False, batch_size=8)[0]
+    padded = copy.deepcopy(model)(p.x, p.edge_index, p.edge_attr, p.batch, p.num_graphs,
+                                  p.node_mask)
+    plain = model(b.x, b.edge_index, b.edge_attr, b.batch, b.num_graphs)
+    assert padded.logits.isfinite().all()
+    # twelve BatchNorm layers amplify the different summation order to ~3e-3 relative
+    torch.testing.assert_close(padded.logits[: b.num_graphs], plain.logits, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("setting", [*GRAPHABLE, "gmoe-gin-dense-dispatch"])
@@ -210,3 +229,24 @@ def test_grouped_dense_experts_equal_one_expert_at_a_time(setting: str, padded: 
         for a, r in zip(grouped.norms, reference.norms, strict=True):
             torch.testing.assert_close(a.running_mean, r.running_mean)
             torch.testing.assert_close(a.running_var, r.running_var)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_replayed_steps_equal_eager_steps_on_a_gpu() -> None:
+    """On a GPU: two seeds' steps captured and replayed over alternating shapes compute each
+    step's own batch (learning rate 0, so that unordered atomic sums cannot grow through Adam):
+    stale inputs, a wrong buffer or a broken stream would show."""
+    device = torch.device("cuda")
+    losses = []
+    for capture in (True, False):
+        models = [build("gmoe-gcn-dense-dispatch", seed).to(device) for seed in (0, 1)]
+        optimizers = [build_optimizer(m, 0.0, capturable=capture) for m in models]
+        step = GraphedTrainStep(models, optimizers, TASK, capture=capture, warmup=1)
+        run = []
+        for t in range(8):
+            parts = [b.to(device) for b in batches(2, step=t % 3)]
+            run.append(step(pad_together(parts, True, batch_size=8 + 4 * (t % 2))).losses.clone())
+        losses.append(torch.stack(run))
+        if capture:
+            assert step.num_graphs >= 2
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)

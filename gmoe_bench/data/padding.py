@@ -95,7 +95,9 @@ def pad_batch(batch: GraphBatch, hop2: tuple[Tensor, Tensor] | None,
     :func:`padded_shape` gives it or larger (several seeds' batches padded to their largest)."""
     num_nodes, num_edges, num_hop2, num_graphs = shape
     real_nodes, real_graphs = batch.x.size(0), batch.num_graphs
-    if num_nodes <= real_nodes or num_edges < batch.edge_index.size(1) or num_graphs <= real_graphs:
+    real_hop2 = 0 if hop2 is None else hop2[0].size(1)
+    if (num_nodes <= real_nodes or num_edges < batch.edge_index.size(1) or num_hop2 < real_hop2
+            or num_graphs <= real_graphs):
         raise ValueError(f"shape {shape} is smaller than the batch's "
                          f"{padded_shape(batch, hop2, real_graphs)}")
     pad_atom = real_nodes  # the first padding atom holds every padding bond

@@ -31,6 +31,9 @@ from gmoe_bench.model.moe import GMoELayer
 
 
 class StepOutput(NamedTuple):
+    """A step's outputs. From a replay they live in the graphs' shared memory pool, so the next
+    step of any shape may overwrite them: read or copy them before."""
+
     losses: Tensor  # [S] each seed's task loss
     aux_losses: Tensor  # [S] each seed's weighted balance loss
     expert_counts: Tensor | None  # [S, L, n] real atoms routed to each expert
@@ -98,6 +101,7 @@ class GraphedTrainStep:
         return len(self._graphs)
 
     def __call__(self, batches: Sequence[PaddedBatch]) -> StepOutput:
+        """The step; its outputs are valid until the next call (:class:`StepOutput`)."""
         if len({b.shape for b in batches}) != 1:
             raise ValueError("the seeds' batches must be padded to one shape (pad_together)")
         self.steps += 1
@@ -126,11 +130,9 @@ class GraphedTrainStep:
     def _capture(self, batches: Sequence[PaddedBatch]) -> _Captured:
         """Records one step of every seed, each on its own stream, joined at the end. Recording
         runs nothing: the caller's replay does the step."""
+        # Parameters the warm-up gave no gradient (an unused noise weight, say) get none here
+        # either, so Adam skips them as in an eager step: no state is created inside a graph.
         inputs = [PaddedBatch(*(t.clone() for t in b[:-1]), b.num_real_graphs) for b in batches]
-        for model in self.models:  # every gradient exists before capture (zeroed in place)
-            for p in model.parameters():
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             main = torch.cuda.current_stream()

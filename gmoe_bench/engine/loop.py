@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from gmoe_bench.data.augment import drop_nodes
 from gmoe_bench.data.padding import Graphs, pad_together
-from gmoe_bench.engine.graphed import GraphedTrainStep
+from gmoe_bench.engine.graphed import GraphedTrainStep, StepOutput
 from gmoe_bench.engine.loss import task_loss
 from gmoe_bench.errors import TrainingError
 from gmoe_bench.model import MolGNN
@@ -79,14 +79,16 @@ def with_nodes_dropped(batches: Sequence[Batch], drop_node_p: float,
 
 def train_step(models: Sequence[MolGNN], optimizers: Sequence[torch.optim.Optimizer],
                batches: Sequence[Batch], task_type: str, drop_node_p: float,
-               streams: Sequence[torch.Generator] | None) -> tuple[Tensor, GroupOutput]:
+               streams: Sequence[torch.Generator] | None,
+               free_grads: bool = True) -> tuple[Tensor, GroupOutput]:
     """One optimisation step of each seed of a group on its own batch (already on the device):
     node dropping, one forward of the joined batches, each seed's task loss plus its weighted
     auxiliary loss, one backward (the seeds share no weight, so each gets its own gradients), each
     seed's optimizer step. ``streams`` are the seeds' random streams (None: one seed on torch's
     global random state, as a solo run). Returns the task losses ``[S]`` and the output as device
     tensors: reading them is the caller's (one host sync per epoch). The benchmarks
-    (scripts/bench*.py) time this same step."""
+    (scripts/bench*.py) time this same step. ``free_grads=False`` zeroes the gradients in place
+    instead of freeing them: CUDA graphs captured over these models keep writing them."""
     joined = join([(g.x, g.edge_index, g.edge_attr, g.batch, g.num_graphs)
                    for g in with_nodes_dropped(batches, drop_node_p, streams)])
     out = group_forward(models, *joined, streams)
@@ -94,7 +96,7 @@ def train_step(models: Sequence[MolGNN], optimizers: Sequence[torch.optim.Optimi
     losses = torch.stack([task_loss(seed_logits, b.y, task_type)
                           for seed_logits, b in zip(logits, batches, strict=True)])
     for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=free_grads)
     (losses + out.aux_loss).sum().backward()
     for optimizer in optimizers:
         optimizer.step()
@@ -102,14 +104,14 @@ def train_step(models: Sequence[MolGNN], optimizers: Sequence[torch.optim.Optimi
 
 
 def graphed_step(graphed: GraphedTrainStep, batches: Sequence[Batch], drop_node_p: float,
-                 streams: Sequence[torch.Generator] | None) -> tuple[Tensor, GroupOutput]:
+                 streams: Sequence[torch.Generator] | None) -> StepOutput:
     """:func:`train_step` of every seed through ``graphed``: node dropping (eager, from each
-    seed's stream), padding to one shape, the captured step."""
+    seed's stream), padding to one shape, the captured step. The losses are valid until the next
+    step (the caller adds them up at once, in stream order); the counts are copied out."""
     parts = with_nodes_dropped(batches, drop_node_p, streams)
     out = graphed(pad_together(parts, graphed.models[0].needs_hop2))
-    # the graph's outputs are rewritten by its next replay: the counts are kept past it
     counts = None if out.expert_counts is None else out.expert_counts.clone()
-    return out.losses, GroupOutput(out.losses, out.aux_losses, counts)
+    return out._replace(expert_counts=counts)
 
 
 def trainable(batch: Batch) -> bool:
@@ -143,17 +145,19 @@ def train_epoch(models: Sequence[MolGNN], loaders: Sequence[DataLoader],
             continue
         moved = [batches[i].to(device, non_blocking=True) for i in active]
         if graphed is not None and len(active) == num_seeds:
-            losses, out = graphed_step(graphed, moved, drop_node_p, streams)
+            losses, aux, step_counts = graphed_step(graphed, moved, drop_node_p, streams)
         else:
             losses, out = train_step([models[i] for i in active], [optimizers[i] for i in active],
                                      moved, task_type, drop_node_p,
-                                     None if streams is None else [streams[i] for i in active])
+                                     None if streams is None else [streams[i] for i in active],
+                                     free_grads=graphed is None)
+            aux, step_counts = out.aux_loss, out.expert_counts
         index = torch.tensor(active, device=device)
         loss_sum.index_add_(0, index, losses.detach())
-        aux_sum.index_add_(0, index, out.aux_loss.detach())
+        aux_sum.index_add_(0, index, aux.detach())
         for j, i in enumerate(active):
-            if out.expert_counts is not None:
-                counts[i] = out.expert_counts[j] if counts[i] is None else counts[i] + out.expert_counts[j]
+            if step_counts is not None:
+                counts[i] = step_counts[j] if counts[i] is None else counts[i] + step_counts[j]
             steps[i] += 1
             graphs[i] += moved[j].num_graphs
     if device.type == "cuda":

@@ -50,7 +50,7 @@ def _per_segment(values: Tensor, segments: Segments | None, mask: Tensor | None)
     """``[N, n]`` summed over the rows of each segment: ``[S, n]``, or ``[n]`` without segments;
     ``mask`` ``[N]`` (0 for a padding row) leaves rows out."""
     if mask is not None:
-        values = values * mask[:, None]
+        values = torch.where(mask[:, None] > 0, values, 0.0)
     if segments is None:
         return values.sum(0)
     out = values.new_zeros(len(segments.sizes), values.size(1))

@@ -154,6 +154,8 @@ class MolGNN(nn.Module):
             if layer_stats is not None:
                 stats.append(layer_stats)
             h = dropout(h if i == last else F.relu(h), self.dropout, self.training)
+            if node_mask is not None:  # padding atoms back to 0: unnormalised sums (GIN) over
+                h = torch.where(node_mask[:, None] > 0, h, 0.0)  # their self-loops would explode
             if virtual is not None and i < last:
                 pooled = global_add_pool(h_in, batch, size=num_graphs) + virtual
                 virtual = dropout(_run_mlp(self.virtual_mlps[i], pooled, graph_mask), self.dropout,

@@ -15,17 +15,21 @@ def batch_norm(x: Tensor, norm: nn.BatchNorm1d, mask: Tensor | None) -> Tensor:
         y_i = \gamma \frac{x_i - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
     so the real rows get exactly what ``nn.BatchNorm1d`` gives them without the padding, and the
-    running statistics move as they would (unbiased variance, ``momentum``). ``mask``: ``[N]``,
+    running statistics move as they would (unbiased variance, ``momentum``); padding rows come out
+    as a row of zeros would. ``mask``: ``[N]``,
     1.0 for a real row and 0.0 for padding; None (or evaluation) is ``norm(x)`` itself. No
     operation depends on the values (no host sync), so the step can be captured in a CUDA graph.
     """
     if mask is None or not norm.training:
         return norm(x)
     assert norm.momentum is not None, "a cumulative-average BatchNorm is not used here"
-    weight = mask[:, None]  # [N, 1]
+    # Padding rows are replaced by 0 first (selected, not multiplied: one may hold inf, and
+    # 0 · inf would turn the statistics, or their gradients, into NaN).
+    real = mask[:, None] > 0  # [N, 1]
+    x = torch.where(real, x, 0.0)
     count = mask.sum()
-    mean = (x * weight).sum(0) / count  # [C]
-    var = ((x - mean).square() * weight).sum(0) / count
+    mean = x.sum(0) / count  # [C]
+    var = torch.where(real, (x - mean).square(), 0.0).sum(0) / count
     with torch.no_grad():
         norm.running_mean.lerp_(mean, norm.momentum)
         norm.running_var.lerp_(var * count / (count - 1).clamp(min=1), norm.momentum)
