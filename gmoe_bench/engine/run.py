@@ -58,6 +58,8 @@ def resolve_device(name: str, cuda_graphs: bool = False) -> torch.device:
                           f"{torch.__version__}). Use trainer.device=cpu or auto, or install a "
                           "CUDA build of torch (make install TORCH_SPEC=...).")
     if device.type == "cuda":  # streams and CUDA graphs are made on the current device
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 
