@@ -338,12 +338,13 @@ def markdown(report: dict[str, Any]) -> str:
              f"kept on the device; {report['epochs']} timed pass(es) over them after 5 warm-up "
              f"steps; epoch figures scaled by {report.get('epoch_scale', 1.0):.2f} to a whole epoch",
              f"- measured fp32 matrix-product peak: {report['peak_flop_per_s'] / 1e12:.1f} TFLOP/s",
-             f"- wall time of the script: {report['wall_seconds']:.0f} s", "",
-             "| model | train epoch s | eval s | graphs/s | matmul TFLOP per epoch | share of peak "
-             f"| {SEEDS} seeds × {EPOCHS} epochs, one after another | peak MiB "
-             f"| {report['together']} seeds together: train epoch s | eval s "
-             f"| {SEEDS} × {EPOCHS}, {report['together']} at a time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"- wall time of the script: {report['wall_seconds']:.0f} s", ""]
+    if report["models"]:  # none with --no-eager
+        lines += ["| model | train epoch s | eval s | graphs/s | matmul TFLOP per epoch "
+                  f"| share of peak | {SEEDS} seeds × {EPOCHS} epochs, one after another | peak MiB "
+                  f"| {report['together']} seeds together: train epoch s | eval s "
+                  f"| {SEEDS} × {EPOCHS}, {report['together']} at a time |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         peak = "–" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(f"| {r['model']} | {r['train_epoch_s']:.2f} | {r['eval_s']:.2f} | "
@@ -382,6 +383,8 @@ def markdown(report: dict[str, Any]) -> str:
                              f"({g['prepadded_epoch_s']:.2f}) | "
                              f"{g['eval_s']:.2f} | {g['shapes']} | {g['first_pass_s']:.1f} | "
                              f"{g['row_minutes']:.1f} min | {r['check_max_loss_diff']:.1e} |")
+        lines.append("")  # the notes after the table, not inside it
+        for r in report["graphed"]:
             for label in ("solo", "together"):
                 g = r.get(label, {})
                 if "kernels_per_step" in g:
