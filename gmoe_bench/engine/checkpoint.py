@@ -48,7 +48,8 @@ def rng_state(shuffle: torch.Generator, stream: torch.Generator | None) -> dict[
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-        # a group replayed from CUDA graphs draws from the global CUDA state, not the streams
+        # a group replayed from CUDA graphs draws from the global CUDA state, not the streams:
+        # engine/run.py restores it when the group starts (other seeds' set-up reseeds it)
         state["cuda_global"] = torch.cuda.get_rng_state_all()
     if stream is not None:
         if stream.device.type == "cuda":
@@ -70,8 +71,6 @@ def restore_rng_state(state: dict[str, Any], shuffle: torch.Generator,
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
     elif stream.device.type == "cuda":
-        if len(state.get("cuda_global", [])) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda_global"])  # the group's, under cuda_graphs
         # a checkpoint written without this GPU (e.g. on a CPU machine) leaves the fresh stream,
         # as a solo run keeps torch's fresh CUDA state
         saved = state.get("cuda", [])

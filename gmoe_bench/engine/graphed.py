@@ -25,6 +25,7 @@ from torch import Tensor
 
 from gmoe_bench.data.padding import PaddedBatch
 from gmoe_bench.engine.loss import task_loss
+from gmoe_bench.errors import ConfigError, describe_error
 from gmoe_bench.model import MolGNN
 from gmoe_bench.model.gate import ExpertChoiceGate
 from gmoe_bench.model.moe import GMoELayer
@@ -116,7 +117,12 @@ class GraphedTrainStep:
             return out
         captured = self._graphs.get(batches[0].shape)
         if captured is None:
-            captured = self._graphs[batches[0].shape] = self._capture(batches)
+            try:
+                captured = self._graphs[batches[0].shape] = self._capture(batches)
+            except RuntimeError as err:  # an operation a CUDA graph cannot hold
+                raise ConfigError(
+                    f"a training step could not be captured as a CUDA graph ({describe_error(err)}); "
+                    "train without them: trainer.cuda_graphs=false.") from err
         for static, b in zip(captured.inputs, batches, strict=True):
             for target, source in zip(static[:-1], b[:-1], strict=True):  # tensors, not the count
                 target.copy_(source, non_blocking=True)

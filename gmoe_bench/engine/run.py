@@ -93,6 +93,7 @@ class SeedRun:
     loader: DataLoader
     checkpoint: SeedCheckpoint
     records: list[EpochRecord] = field(default_factory=list)
+    cuda_rng: list[torch.Tensor] | None = None  # the group's global CUDA state (cuda_graphs)
     best: EpochRecord | None = None
     elapsed: float = 0.0  # training seconds before this process
 
@@ -117,6 +118,7 @@ def start_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.devi
         for group in run.optimizer.param_groups:  # the saved setting is the earlier run's
             group["capturable"] = capturable
         restore_rng_state(state["rng"], shuffle, stream)
+        run.cuda_rng = state["rng"].get("cuda_global")
         run.records = [EpochRecord(**r) for r in state["records"]]
         run.elapsed = state["wall_seconds"]
         for record in run.records:
@@ -174,6 +176,9 @@ def _train_group(cfg: TrainConfig, data: MolDataset, runs: list[SeedRun], device
     start = time.perf_counter()
     epoch = len(runs[0].records)
     graphed: GraphedTrainStep | None = None  # its captures serve every epoch of these models
+    saved_rng = runs[0].cuda_rng
+    if t.cuda_graphs and saved_rng is not None and len(saved_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved_rng)  # a resumed group draws on where it stopped
     while runs and epoch < t.epochs:
         epoch += 1
         models = [run.model for run in runs]
