@@ -84,6 +84,25 @@ def molhiv_or_built(folder: Path) -> tuple[MolDataset, str]:
     return data, f"{len(data.graphs)} molecules built by the script"
 
 
+def step_benchmark_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options every step benchmark takes: device, repeats, CPU threads, output folder."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
+
+
+def fixed_batches(args: argparse.Namespace) -> tuple[torch.device, list, str]:
+    """The device, 4 pre-collated batches of 32 on it and the dataset's name, after setting the
+    CPU threads (the arguments of :func:`step_benchmark_arguments`)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, dataset = molhiv_or_built(Path(tmp))
+        return device, batches(data, 32, 4, device), dataset
+
+
 def batches(data: MolDataset, batch_size: int, count: int, device: torch.device) -> list:
     loader = DataLoader(data.graphs[data.split["train"][: batch_size * count]],
                         batch_size=batch_size)

@@ -16,7 +16,6 @@ import json
 import platform
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import REPO, batches, molhiv_or_built, time_model
+from bench import fixed_batches, step_benchmark_arguments, time_model
 
 from gmoe_bench.config import ModelConfig, MoEConfig
 from gmoe_bench.model import build_model
@@ -43,19 +42,11 @@ def dense_by(model: torch.nn.Module, grouped: bool) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    step_benchmark_arguments(parser, repeats=5)
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        data, dataset = molhiv_or_built(Path(tmp))
-    fixed = batches(data, 32, 4, device)
+    device, fixed, dataset = fixed_batches(args)
     rows = []
     for backbone in ("gcn", "gin"):
         for n in args.experts:

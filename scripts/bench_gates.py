@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import HIDDEN, LAYERS, REPO, batches, molhiv_or_built, time_model
+from bench import HIDDEN, LAYERS, fixed_batches, step_benchmark_arguments, time_model
 
 from gmoe_bench.config import Gate, ModelConfig, MoEConfig
 from gmoe_bench.model import build_model
@@ -32,18 +31,10 @@ NUM_EXPERTS, NUM_HOP2, TOP_K = 8, 4, 2
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
+    step_benchmark_arguments(parser, repeats=7)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        data, dataset = molhiv_or_built(Path(tmp))
-        fixed = batches(data, 32, 4, device)
+    device, fixed, dataset = fixed_batches(args)
     lines = ["| backbone | gate | step (ms) | × plain | pairs per node | CV² of load at init |",
              "|---|---|---|---|---|---|"]
     for backbone in ("gcn", "gin"):
