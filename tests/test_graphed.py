@@ -9,11 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch_geometric.data import Batch
 
 from gmoe_bench.config import ModelConfig, MoEConfig, validate
 from gmoe_bench.data.hop2 import two_hop_edges
 from gmoe_bench.data.ogb import load_dataset
-from gmoe_bench.data.padding import EDGE_MULTIPLE, NODE_MULTIPLE, pad_batch, pad_together, padded_shape
+from gmoe_bench.data.padding import (
+    EDGE_MULTIPLE,
+    NODE_MULTIPLE,
+    pad_batch,
+    pad_together,
+    padded_shape,
+    two_hop_edges_each,
+)
 from gmoe_bench.engine.checkpoint import SeedCheckpoint
 from gmoe_bench.engine.graphed import GraphedTrainStep, check_graphable
 from gmoe_bench.engine.loop import train_epoch, train_step
@@ -22,6 +30,7 @@ from gmoe_bench.errors import ConfigError
 from gmoe_bench.model import MolGNN, build_model
 from gmoe_bench.model.gnn import hop_graphs
 from gmoe_bench.model.norm import batch_norm
+from tests.test_hop2 import graph
 from tests.test_robustness import compose_cfg
 from tests.test_seed_group import TASK, batches, build
 
@@ -93,6 +102,14 @@ def test_padding_stays_bounded_in_a_deep_gin_with_a_virtual_node() -> None:
     assert padded.logits.isfinite().all()
     # twelve BatchNorm layers amplify the different summation order to ~3e-3 relative
     torch.testing.assert_close(padded.logits[: b.num_graphs], plain.logits, rtol=1e-2, atol=1e-3)
+
+
+def test_two_hop_paths_of_a_group_in_one_call_equal_each_batch_alone() -> None:
+    parts = [*batches(3), batches(1, step=7)[0]]
+    parts.append(Batch.from_data_list([graph("C"), graph("[Na+].[Cl-]")]))  # no paths at all
+    for b, (index, attr) in zip(parts, two_hop_edges_each(parts), strict=True):
+        expected_index, expected_attr = two_hop_edges(b.edge_index, b.edge_attr, b.num_nodes)
+        assert torch.equal(index, expected_index) and torch.equal(attr, expected_attr)
 
 
 @pytest.mark.parametrize("setting", [*GRAPHABLE, "gmoe-gin-dense-dispatch"])

@@ -9,6 +9,7 @@ size with empty graphs whose labels are missing too.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
@@ -117,14 +118,30 @@ def pad_batch(batch: GraphBatch, hop2: tuple[Tensor, Tensor] | None,
         hop2_index=hop2_index, hop2_attr=hop2_attr, num_real_graphs=real_graphs)
 
 
+def two_hop_edges_each(batches: Sequence[GraphBatch]) -> list[tuple[Tensor, Tensor]]:
+    """:func:`~gmoe_bench.data.hop2.two_hop_edges` of each batch, built in one call over their
+    disjoint union (a GPU pays per call, in launches and host syncs, not per path) and split back:
+    paths come out in the order of their first bond, so each batch's are contiguous and in the
+    order a call of its own gives."""
+    sizes = [b.x.size(0) for b in batches]
+    offsets = [0, *itertools.accumulate(sizes)]
+    edge_index = torch.cat([b.edge_index + offset for b, offset in zip(batches, offsets, strict=False)], 1)
+    edge_attr = torch.cat([b.edge_attr for b in batches])
+    index2, attr2 = two_hop_edges(edge_index, edge_attr, offsets[-1])
+    owner = torch.bucketize(index2[0], index2.new_tensor(offsets[1:]), right=True)
+    counts = torch.bincount(owner, minlength=len(batches)).tolist()  # one host sync for all
+    return [(index - offset, attr) for index, attr, offset
+            in zip(index2.split(counts, 1), attr2.split(counts), offsets, strict=False)]
+
+
 def pad_together(batches: Sequence[GraphBatch], needs_hop2: bool,
                  batch_size: int | None = None) -> list[PaddedBatch]:
     """Each batch (one per seed of a group) padded to the same shape, the smallest that holds all,
     with ``batch_size`` graphs (default: the largest batch's) and the padding graph; 2-hop paths
     built first when ``needs_hop2``."""
     batch_size = batch_size or max(b.num_graphs for b in batches)
-    hop2s = [two_hop_edges(b.edge_index, b.edge_attr, b.x.size(0)) if needs_hop2 else None
-             for b in batches]
+    hop2s: Sequence[tuple[Tensor, Tensor] | None] = (
+        two_hop_edges_each(batches) if needs_hop2 else [None] * len(batches))
     shapes = [padded_shape(b, h, batch_size) for b, h in zip(batches, hop2s, strict=True)]
     shape = tuple(max(column) for column in zip(*shapes, strict=True))
     return [pad_batch(b, h, shape) for b, h in zip(batches, hop2s, strict=True)]  # type: ignore[arg-type]
