@@ -123,6 +123,9 @@ def two_hop_edges_each(batches: Sequence[GraphBatch]) -> list[tuple[Tensor, Tens
     disjoint union (a GPU pays per call, in launches and host syncs, not per path) and split back:
     paths come out in the order of their first bond, so each batch's are contiguous and in the
     order a call of its own gives."""
+    if len(batches) == 1:  # nothing to split: no host sync for the counts
+        b = batches[0]
+        return [two_hop_edges(b.edge_index, b.edge_attr, b.x.size(0))]
     sizes = [b.x.size(0) for b in batches]
     offsets = [0, *itertools.accumulate(sizes)]
     edge_index = torch.cat([b.edge_index + offset for b, offset in zip(batches, offsets, strict=False)], 1)
