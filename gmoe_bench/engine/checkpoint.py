@@ -48,11 +48,12 @@ def rng_state(shuffle: torch.Generator, stream: torch.Generator | None) -> dict[
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-        # a group replayed from CUDA graphs draws from the global CUDA state, not the streams:
-        # engine/run.py restores it when the group starts (other seeds' set-up reseeds it)
-        state["cuda_global"] = torch.cuda.get_rng_state_all()
     if stream is not None:
         if stream.device.type == "cuda":
+            # a group replayed from CUDA graphs draws from the global CUDA state, not the
+            # streams: engine/run.py restores it when the group starts (other seeds' set-up
+            # reseeds it). A solo run's is "cuda" itself.
+            state["cuda_global"] = list(state["cuda"])
             state["cuda"][stream.device.index or 0] = stream.get_state()
         else:
             state["torch"] = stream.get_state()

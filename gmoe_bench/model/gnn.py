@@ -136,6 +136,7 @@ class MolGNN(nn.Module):
         padding enters no BatchNorm statistics and no balance statistic: every real graph gets
         what it gets without the padding."""
         hop1, hop2 = hop_graphs(edge_index, edge_attr, x.size(0), self.needs_hop2, hop2_edges)
+        real_rows = None if node_mask is None else node_mask[:, None] > 0  # [N, 1], once per step
         graph_mask = None
         if node_mask is not None and self.virtual_node is not None:  # graphs with a real atom
             graph_mask = (node_mask.new_zeros(num_graphs).index_add(0, batch, node_mask) > 0).to(
@@ -154,8 +155,8 @@ class MolGNN(nn.Module):
             if layer_stats is not None:
                 stats.append(layer_stats)
             h = dropout(h if i == last else F.relu(h), self.dropout, self.training)
-            if node_mask is not None:  # padding atoms back to 0: unnormalised sums (GIN) over
-                h = torch.where(node_mask[:, None] > 0, h, 0.0)  # their self-loops would explode
+            if real_rows is not None:  # padding atoms back to 0: unnormalised sums (GIN) over
+                h = torch.where(real_rows, h, 0.0)  # their self-loops would explode
             if virtual is not None and i < last:
                 pooled = global_add_pool(h_in, batch, size=num_graphs) + virtual
                 virtual = dropout(_run_mlp(self.virtual_mlps[i], pooled, graph_mask), self.dropout,
