@@ -24,7 +24,13 @@ from gmoe_bench.model import build_model
 from gmoe_bench.reports.cli import main as report_main
 from gmoe_bench.reports.cli import select_main
 from gmoe_bench.reports.paper import comparison_table, selection
-from gmoe_bench.reports.table import ConfigResult, collect, hop2_share, routing_entropy
+from gmoe_bench.reports.table import (
+    ConfigResult,
+    collect,
+    hop2_share,
+    load_cv_squared,
+    routing_entropy,
+)
 from gmoe_bench.train import train
 from tests.test_robustness import compose_cfg
 
@@ -103,11 +109,16 @@ def test_cramers_v() -> None:
     assert chance_v(independent, top_k=1) == pytest.approx(np.sqrt(21 / (20000 * 3)))
 
 
-def test_routing_entropy_and_hop2_share() -> None:
+def test_routing_entropy_load_cv_squared_and_hop2_share() -> None:
     uniform = [[0.25] * 4, [0.25] * 4]
     assert routing_entropy(uniform) == pytest.approx(1.0)
+    assert load_cv_squared(uniform) == pytest.approx(0.0)
     collapsed = [[0.5, 0.5, 0.0, 0.0]]  # k = 2 of n = 4, always the same two experts
     assert routing_entropy(collapsed) == pytest.approx(math.log(2) / math.log(4))
+    assert load_cv_squared(collapsed) == pytest.approx((4 / 2 - 1) * 4 / 3)
+    # mean over layers: [0.1, 0.2, 0.3, 0.4] has unbiased variance 1/60 around 0.25
+    uneven = [[0.1, 0.2, 0.3, 0.4], [0.25] * 4]
+    assert load_cv_squared(uneven) == pytest.approx((1 / 60 / 0.25**2) / 2)
     assert hop2_share([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]], num_hop2=1) == pytest.approx(0.25)
     assert hop2_share(uniform, num_hop2=0) == 0.0
 

@@ -51,10 +51,12 @@ def test_grid_to_report(small_mirror: Path, tmp_path: Path) -> None:
     assert len((report / "table.csv").read_text().splitlines()) == 5
     details = [line for line in (report / "details.md").read_text().splitlines()
                if line.startswith("| n=")]
-    assert len(details) == 4 and all(line.count(" | ") == 9 for line in details)
+    assert len(details) == 4 and all(line.count(" | ") == 10 for line in details)
     entropy = [float(line.split(" | ")[8]) for line in details]
+    imbalance = [float(line.split(" | ")[9]) for line in details]
     assert all(0.0 < e <= 1.0 for e in entropy)  # n=2, k=2: both experts for every node, 1.0
-    assert entropy[1] == 1.0
+    assert entropy[1] == 1.0 and imbalance[1] == 0.0
+    assert all(i >= 0.0 for i in imbalance) and max(imbalance) > 0.0
     runs = json.loads((report / "digest.json").read_text())
     assert [len(r["seeds"]) for r in runs] == [2, 2, 2, 2]
     for run in runs:  # each job's command re-runs that job alone, with its own sweep values

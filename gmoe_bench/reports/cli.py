@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Collect the summary.json files under the given folders (runs or sweeps; seeds "
                     "of one configuration spread over several jobs are merged) and write table.md, "
                     "table.csv, table.tex, details.md (validation, best epoch, parameters, "
-                    "routing entropy), paper.md (next to the paper's figures), digest.json (configs, "
-                    "commands, per-seed figures and curves), metric.png, "
+                    "routing entropy, load CV²), paper.md (next to the paper's figures), digest.json "
+                    "(configs, commands, per-seed figures and curves), metric.png, "
                     "valid_curves.png, routing.png and routing_entropy.png.")
     parser.add_argument("dirs", nargs="+", type=Path,
                         help="run or sweep folders (searched recursively), or a digest.json of an "

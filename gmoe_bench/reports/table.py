@@ -368,6 +368,20 @@ def routing_entropy(shares: list[list[float]]) -> float:
     return float((-terms.sum(1) / np.log(p.shape[1])).mean())
 
 
+def load_cv_squared(shares: list[list[float]]) -> float:
+    r"""CV² of expert load, :math:`\mathrm{Var}(p) / \mathrm{mean}(p)^2` over the experts (unbiased
+    variance, as the load-balance loss), mean over layers.
+
+    ``shares`` [L][n] are one epoch's routing shares, so this is the epoch's imbalance, which is
+    smaller than the per-batch CV² the loss penalises. 0 when every expert gets the same share;
+    :math:`(n / k - 1)\, n / (n - 1)` when the gate has collapsed onto k experts.
+    """
+    p = np.asarray(shares, dtype=float)  # [L, n]
+    if p.shape[1] < 2:
+        return 0.0
+    return float((p.var(1, ddof=1) / p.mean(1) ** 2).mean())
+
+
 def hop2_share(shares: list[list[float]], num_hop2: int) -> float:
     """Share of (node, expert) assignments that went to the last ``num_hop2`` experts, mean over
     layers."""
@@ -377,19 +391,21 @@ def hop2_share(shares: list[list[float]], num_hop2: int) -> float:
 
 def details_table(results: list[ConfigResult]) -> str:
     """One row per (configuration, dataset): validation and test metric, best epoch, parameters,
-    and for GMoE the routing entropy and hop-2 share at each seed's best epoch (mean over seeds)."""
+    and for GMoE the routing entropy, load CV² and hop-2 share at each seed's best epoch (mean
+    over seeds)."""
     header = ["model", "dataset", "seeds", "epochs", "valid", "test", "best epoch (min–max)",
-              "parameters", "routing entropy", "hop-2 share"]
+              "parameters", "routing entropy", "load CV²", "hop-2 share"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         scale = display_scale(r.metric)
         valid, test = r.mean_std("valid"), r.mean_std("test")
         best = [s["best_epoch"] for s in r.seeds]
         at_best = [s["epochs"][s["best_epoch"] - 1]["routing"] for s in r.seeds]
-        entropy = share = "–"
+        entropy = imbalance = share = "–"
         if at_best[0]:
             num_hop2 = r.config["moe"]["num_hop2"]
             entropy = f"{np.mean([routing_entropy(x) for x in at_best]):.3f}"
+            imbalance = f"{np.mean([load_cv_squared(x) for x in at_best]):.4f}"
             share = f"{np.mean([hop2_share(x, num_hop2) for x in at_best]):.3f}"
         epochs = "/".join(str(n) for n in sorted({len(s["epochs"]) for s in r.seeds}))
         params = "/".join(f"{n:,}" for n in sorted({s["num_parameters"] for s in r.seeds}))
@@ -397,7 +413,8 @@ def details_table(results: list[ConfigResult]) -> str:
             r.label, r.dataset, str(len(r.seeds)), epochs,
             f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}",
             f"{test[0] * scale:.2f} ± {test[1] * scale:.2f}",
-            f"{np.mean(best):.1f} ({min(best)}–{max(best)})", params, entropy, share]) + " |")
+            f"{np.mean(best):.1f} ({min(best)}–{max(best)})", params, entropy, imbalance,
+            share]) + " |")
     return "\n".join(lines) + "\n"
 
 
