@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from gmoe_bench.reports.cli import main as report_main
 from gmoe_bench.reports.table import collect
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 
 # A small network: the sweep tests are about launchers, folders and reports, not the model.
 SMALL = ("model.hidden_dim=32", "model.num_layers=2")
@@ -110,3 +112,59 @@ def test_grid_experiment_sweeps_without_dash_m(small_mirror: Path, tmp_path: Pat
     backbones = sorted(json.loads(p.read_text())["config"]["model"]["backbone"]
                        for p in out.glob("*/summary.json"))
     assert backbones == ["gcn", "gin"]  # both jobs of the grid, not one default configuration
+
+
+def make_target(target: str, tmp_path: Path, mirror: Path, args: str) -> None:
+    """``make target`` of the repository's Makefile, run in ``tmp_path`` (its multirun/ and
+    results/ land there) with this interpreter's scripts and the small mirror."""
+    repo = Path(__file__).resolve().parents[1]
+    env = cli_env(mirror, tmp_path / "data")
+    proc = subprocess.run(
+        ["make", "-f", str(repo / "Makefile"), "-C", str(tmp_path), target,
+         f"BIN={Path(sys.executable).parent}", "STAMP=", f"ARGS={args}"],
+        capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_make_reproduce_official_trains_the_five_rows_and_reports(
+        small_mirror: Path, tmp_path: Path) -> None:
+    """The preset=official table end to end: GCN and GIN at width 300 with node dropping, GMoE-GCN
+    and GMoE-GIN with n=8 all hop-1, GMoE-GCN with n=8 all hop-2 (k=4, width 150, mean, dense),
+    each GMoE row set against its backbone."""
+    make_target("reproduce-official", tmp_path, small_mirror,
+                "trainer.epochs=1 'seeds=[0,1]' model.num_layers=2 logger=none "
+                "trainer.cpu_threads=1 trainer.progress=false")
+    runs = json.loads((tmp_path / "results/official_molbbbp/digest.json").read_text())
+    rows = {(r["config"]["model"]["backbone"], r["config"]["moe"]["num_experts"],
+             r["config"]["moe"]["num_hop2"], r["config"]["model"]["hidden_dim"]): r for r in runs}
+    assert set(rows) == {("gcn", 0, 0, 300), ("gin", 0, 0, 300), ("gcn", 8, 0, 150),
+                         ("gin", 8, 0, 150), ("gcn", 8, 8, 150)}
+    for run in runs:
+        assert run["config"]["dataset"]["drop_node_p"] == 0.2 and len(run["seeds"]) == 2
+        assert run["config"]["trainer"]["epochs"] == 1  # ARGS come last
+    for key in ((8, 0), (8, 8)):
+        moe = rows[("gcn", *key, 150)]["config"]["moe"]
+        assert (moe["combine"], moe["dispatch"], moe["top_k"], moe["loss_weight"]) == (
+            "mean", "dense", 4, 1.0)
+    gains = (tmp_path / "results/official_molbbbp/table.csv").read_text().splitlines()
+    assert sum(line.split(",")[0].startswith("gcn n=8") for line in gains[1:]) == 2
+    assert all(",gcn width=300," in line for line in gains[1:] if line.startswith("gcn n=8"))
+
+
+def test_make_reproduce_official_ablation_changes_one_setting_per_run(
+        small_mirror: Path, tmp_path: Path) -> None:
+    make_target("reproduce-official-ablation", tmp_path, small_mirror,
+                "trainer.epochs=1 model.num_layers=2 logger=none trainer.cpu_threads=1 "
+                "trainer.progress=false")
+    runs = tmp_path / "multirun/official_ablation_30ep"
+    configs = {d.name: json.loads((d / "summary.json").read_text())["config"]
+               for d in runs.iterdir()}
+    assert set(configs) == {"preset", "no_drop", "sum", "sparse"}
+    preset = configs.pop("preset")
+    assert preset["seeds"] == [0, 1] and preset["moe"]["num_experts"] == 8
+    changed = {name: [(section, key) for section in ("dataset", "model", "moe")
+                      for key in preset[section] if config[section][key] != preset[section][key]]
+               for name, config in configs.items()}
+    assert changed == {"no_drop": [("dataset", "drop_node_p")], "sum": [("moe", "combine")],
+                       "sparse": [("moe", "dispatch")]}
+    assert (tmp_path / "results/official_ablation_30ep/table.md").exists()
