@@ -133,7 +133,7 @@ class MoEConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = key(100, ge=1)
-    batch_size: int = key(32, ge=1)
+    batch_size: int = key(32, ge=2, note="a batch of one graph is skipped: BatchNorm needs two")
     lr: float = key(1e-3, gt=0)
     device: str = key("auto", execution=True)  # auto (cuda when available, else cpu), cpu, cuda, cuda:N
     num_workers: int = key(0, ge=0, execution=True)

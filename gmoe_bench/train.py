@@ -113,6 +113,8 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     typed = validate(cfg)
     set_threads(typed.trainer.cpu_threads)
     device = resolve_device(typed.trainer.device, typed.trainer.cuda_graphs)
+    # before the data is copied and processed (minutes for the larger datasets)
+    check_writable(checkpoint_directory(typed, typed.dataset.name, None))
     data = load_dataset(typed.dataset)
     model_name = describe(typed)
     checkpoints = checkpoint_directory(typed, data.name, data.fingerprint)
@@ -146,6 +148,8 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     pending = []
     for seed in typed.seeds:
         checkpoint = SeedCheckpoint(checkpoints, seed)
+        if not typed.trainer.resume:
+            checkpoint.set_aside_previous()
         finished = checkpoint.finished_result() if typed.trainer.resume else None
         if finished is None:
             pending.append(seed)

@@ -62,6 +62,7 @@ def test_gmoe_group_and_overrides() -> None:
     (["model.num_layers=1"], r"model.num_layers=1 must be >= 2 \(OGB's GNN\)"),
     (["seeds=[]"], "seeds is empty"),
     (["trainer.seeds_per_group=0"], r"trainer.seeds_per_group=0 must be >= 1 \(1: one seed at a time\)"),
+    (["trainer.batch_size=1"], r"trainer.batch_size=1 must be >= 2 \(a batch of one graph is skipped"),
     (["model.backbone=gat"], "model.backbone='gat' is not one of gcn, gin"),
     (["model=gat"], r"model=gat is not one of the model configs \(gcn, gin\)"),
     (["model.pooling=min"], "model.pooling='min' is not one of mean, sum, max"),

@@ -331,6 +331,10 @@ def test_unwritable_checkpoint_dir_is_refused_before_training(local_copy: Path,
     with pytest.raises(ConfigError, match=r"Cannot write checkpoints to .*ckpt.*trainer\.checkpoint_dir"):
         train(compose_run(tmp_path, local_copy.parent), tmp_path)
     assert not (tmp_path / "summary.json").exists()
+    assert not (local_copy / "processed").exists()  # refused before the data was processed
+    train(compose_run(tmp_path, local_copy.parent, f"trainer.checkpoint_dir={tmp_path / 'ok'}"),
+          tmp_path)
+    assert (local_copy / "processed").is_dir()  # where processing writes, so the check can fail
 
 
 def test_full_checkpoint_disk_fails_the_seeds_not_the_summary(local_copy: Path, tmp_path: Path,

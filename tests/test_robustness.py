@@ -19,11 +19,13 @@ from ogb.graphproppred import Evaluator
 from torch_geometric.loader import DataLoader
 
 from gmoe_bench.config import CONFIG_DIR, ModelConfig, MoEConfig
+from gmoe_bench.data.from_smiles import write_ogb_folder
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine import loop
+from gmoe_bench.engine import run as run_module
 from gmoe_bench.engine.checkpoint import SeedCheckpoint
 from gmoe_bench.engine.loop import evaluate, train_epoch
-from gmoe_bench.errors import DataError, TrainingError
+from gmoe_bench.errors import DataError, TrainingError, UserError
 from gmoe_bench.model import build_model
 from gmoe_bench.records import write_json_atomic
 from gmoe_bench.train import train
@@ -148,6 +150,20 @@ def test_non_finite_loss_fails_that_seed_only(small_mirror: Path, tmp_path: Path
     assert not summary["complete"] and summary["aggregate"]["num_seeds"] == 2
 
 
+def test_an_epoch_without_a_training_step_is_an_error(tmp_path: Path) -> None:
+    """A training split of one graph gives only skipped batches: an error, not an untrained model
+    reported as trained."""
+    smiles = ["CCO", "CCN", "c1ccccc1", "CC(=O)O", "CCCl", "C1CC1"]
+    split = {"train": np.array([0]), "valid": np.array([1, 2]), "test": np.array([3, 4, 5])}
+    write_ogb_folder(tmp_path / "mirror" / "ogbg_molbbbp", smiles,
+                     np.array([[1.0], [0.0], [1.0], [0.0], [1.0], [0.0]]), split)
+    cfg = compose_cfg(tmp_path, tmp_path / "mirror", "seeds=[0]", "trainer.epochs=2")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match="No training step in epoch 1: every batch of "
+                                        "ogbg-molbbbp's training split held a single graph"):
+        train(cfg, tmp_path / "run")
+
+
 def test_finished_seeds_are_skipped_on_rerun(small_mirror: Path, tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, small_mirror, "seeds=[0,1]", "trainer.epochs=2")
     (tmp_path / "a").mkdir()
@@ -157,8 +173,44 @@ def test_finished_seeds_are_skipped_on_rerun(small_mirror: Path, tmp_path: Path)
     # a finished seed keeps its record and best weights; its resumable state is removed
     assert sorted(p.name for p in (tmp_path / "ckpt").rglob("seed_*")) == [
         "seed_0.best.pt", "seed_0.json", "seed_1.best.pt", "seed_1.json"]
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "ckpt").rglob("seed_*")}
     train(cfg, tmp_path / "b")
-    assert figures(json.loads((tmp_path / "b" / "summary.json").read_text())) == figures(first)
+    again = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert figures(again) == figures(first)
+    # skipped, not retrained (on a CPU a retrain gives the same figures): the files are untouched
+    # and each seed's wall time is the first run's
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ckpt").rglob("seed_*")} == written
+    assert [s["wall_seconds"] for s in again["seeds"]] == [s["wall_seconds"] for s in first["seeds"]]
+
+
+def test_resume_false_keeps_the_earlier_result_aside(small_mirror: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh start renames a finished seed's record and best weights instead of overwriting
+    them, so an interrupted fresh start never leaves the old record beside new weights."""
+    cfg = compose_cfg(tmp_path, small_mirror, "seeds=[0]", "trainer.epochs=2")
+    (tmp_path / "a").mkdir()
+    train(cfg, tmp_path / "a")
+    (folder,) = {p.parent for p in (tmp_path / "ckpt").rglob("seed_0.json")}
+    before = {name: (folder / name).read_bytes() for name in ("seed_0.json", "seed_0.best.pt")}
+
+    calls = []
+
+    def interrupted_in_epoch_2(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_epoch", interrupted_in_epoch_2)
+    fresh = compose_cfg(tmp_path, small_mirror, "seeds=[0]", "trainer.epochs=2",
+                        "trainer.resume=false")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh, tmp_path / "b")
+    assert not (folder / "seed_0.json").exists()  # a resumed run trains seed 0 again
+    for name, content in before.items():
+        (aside,) = folder.glob(f"{name}.replaced-*")
+        assert aside.read_bytes() == content
 
 
 # A GMoE run with node dropping, long enough (12 epochs per seed) to be killed in the middle of seed 1.

@@ -17,6 +17,7 @@ from gmoe_bench.reports.table import (
     gain_table,
     gains,
     latex_table,
+    markdown_table,
     write_csv,
 )
 
@@ -147,3 +148,57 @@ def test_rows_differing_in_the_gate_are_named_by_it() -> None:
     rows = [result("gcn", {**GMOE, "gate": gate}, [0.7]) for gate in ("top_k", "expert_choice")]
     _name_rows(rows)
     assert [r.label for r in rows] == ["gate=top_k", "gate=expert_choice"]
+
+
+def test_gmoe_is_compared_only_with_a_backbone_trained_on_the_same_data() -> None:
+    gcn_a = result("gcn", PLAIN, [0.68, 0.69, 0.70])
+    gcn_b = result("gcn", PLAIN, [0.78, 0.79, 0.80])
+    gmoe = result("gcn", GMOE, [0.70, 0.71, 0.72], hidden=150)
+    gcn_a.fingerprint, gcn_b.fingerprint, gmoe.fingerprint = "a" * 16, "b" * 16, "a" * 16
+    assert [g.backbone for g in gains([gcn_b, gcn_a, gmoe])] == [gcn_a]
+    gmoe.fingerprint = None  # runs from before the data was recorded match any copy
+    assert [g.backbone for g in gains([gcn_b, gcn_a, gmoe])] == [gcn_b, gcn_a]
+
+
+def test_configs_building_the_same_network_keep_a_row_each() -> None:
+    from gmoe_bench.reports.table import _name_rows
+
+    # the plain backbone ignores scale_hidden: one network, two configs
+    rows = [result("gcn", {**PLAIN, "scale_hidden": scale}, [t]) for scale, t in
+            ((True, 0.51), (False, 0.71))]
+    _name_rows(rows)
+    assert [r.label for r in rows] == ["gcn moe.scale_hidden=True",
+                                       "gcn moe.scale_hidden=False"]
+    table = markdown_table(rows)
+    assert "51.00 ± 0.00" in table and "71.00 ± 0.00" in table
+
+
+def test_a_summary_of_another_schema_is_skipped_not_fatal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_run(tmp_path / "good", GMOE, [0.7, 0.72], hidden=150)
+    write_run(tmp_path / "other", GMOE, [0.6], hidden=150)
+    summary = json.loads((tmp_path / "other" / "summary.json").read_text())
+    summary["config"]["moe"]["old_key"] = 1
+    (tmp_path / "other" / "summary.json").write_text(json.dumps(summary))
+    (found,) = collect([tmp_path])
+    assert [s["test"] for s in found.seeds] == [0.7, 0.72]
+    assert f"Skipping {tmp_path / 'other' / 'summary.json'}: its config is not one" in caplog.text
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+
+
+def test_each_dataset_column_names_its_own_metric() -> None:
+    hiv = result("gcn", PLAIN, [0.75])
+    esol = result("gcn", PLAIN, [1.1], metric="rmse")
+    esol.dataset = "ogbg-molesol"
+    header = markdown_table([hiv, esol]).splitlines()[0]
+    assert "ogbg-molesol (test rmse) |" in header
+    assert "ogbg-molbbbp (test rocauc × 100) |" in header
+
+
+def test_one_config_on_two_copies_of_the_data_is_two_rows() -> None:
+    from gmoe_bench.reports.table import _name_rows
+
+    rows = [result("gcn", GMOE, [t]) for t in (0.6, 0.7)]
+    rows[0].fingerprint, rows[1].fingerprint = "a" * 16, "b" * 16
+    _name_rows(rows)
+    assert [r.label for r in rows] == ["gcn data=aaaaaaaa", "gcn data=bbbbbbbb"]

@@ -54,7 +54,6 @@ class PaddedBatch(NamedTuple):
     node_mask: Tensor  # [N] 1.0 for a real atom, 0.0 for padding
     hop2_index: Tensor  # [2, E2] 2-hop paths ([2, 0] when the model needs none)
     hop2_attr: Tensor  # [E2, 6]
-    num_real_graphs: int
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -115,7 +114,7 @@ def pad_batch(batch: GraphBatch, hop2: tuple[Tensor, Tensor] | None,
         batch=_pad_rows(batch.batch, num_nodes, num_graphs - 1),
         y=_pad_rows(y, num_graphs, math.nan),
         node_mask=_pad_rows(torch.ones(real_nodes, device=batch.x.device), num_nodes),
-        hop2_index=hop2_index, hop2_attr=hop2_attr, num_real_graphs=real_graphs)
+        hop2_index=hop2_index, hop2_attr=hop2_attr)
 
 
 def two_hop_edges_each(batches: Sequence[GraphBatch]) -> list[tuple[Tensor, Tensor]]:

@@ -13,6 +13,7 @@ Every file is written to a temporary name and renamed, so a kill never leaves a 
 everything in them is plain tensors and Python values, readable with ``torch.load``'s safe default
 ``weights_only=True``. A file that cannot be used (truncated, foreign, of another architecture) is
 renamed to ``<name>.unusable-<time>`` with a warning, never deleted, and the seed starts over.
+With ``trainer.resume=false`` a seed's earlier files are renamed to ``<name>.replaced-<time>``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,16 @@ class SeedCheckpoint:
             set_aside(self.result_path, str(err))
             return None
         return result
+
+    def set_aside_previous(self) -> None:
+        """Rename the seed's earlier files out of the way (a fresh start, ``trainer.resume=false``):
+        kept, never deleted, and never paired with the new run's weights or result."""
+        for path in (self.result_path, self.best_model_path, self.state_path):
+            if path.is_file():
+                aside = aside_name(path, "replaced")
+                path.rename(aside)
+                log.info("seed %d trains from scratch (trainer.resume=false); its earlier %s is "
+                         "kept as %s", self.seed, path.name, aside)
 
     def load(self, expected: dict[str, torch.Tensor]) -> dict[str, Any] | None:
         """The last epoch's state, or None (no checkpoint, or an unusable one: start over).

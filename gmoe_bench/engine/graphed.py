@@ -138,7 +138,7 @@ class GraphedTrainStep:
         runs nothing: the caller's replay does the step."""
         # Parameters the warm-up gave no gradient (an unused noise weight, say) get none here
         # either, so Adam skips them as in an eager step: no state is created inside a graph.
-        inputs = [PaddedBatch(*(t.clone() for t in b[:-1]), b.num_real_graphs) for b in batches]
+        inputs = [PaddedBatch(*(t.clone() for t in b)) for b in batches]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             main = torch.cuda.current_stream()

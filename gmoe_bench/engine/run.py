@@ -190,6 +190,11 @@ def _train_group(cfg: TrainConfig, data: MolDataset, runs: list[SeedRun], device
             stats = train_epoch(models, [run.loader for run in runs],
                                 [run.optimizer for run in runs], device, data.task_type,
                                 cfg.dataset.drop_node_p, t.progress, streams, graphed)
+            if stats[0].graphs == 0:  # the same batches for every seed
+                raise UserError(
+                    f"No training step in epoch {epoch}: every batch of {data.name}'s training "
+                    "split held a single graph or a single atom, which BatchNorm cannot train on; "
+                    "use more training graphs or a larger trainer.batch_size.")
             diverged = {i: f"the training loss became {s.task_loss} (auxiliary {s.aux_loss})"
                         for i, s in enumerate(stats)
                         if not (math.isfinite(s.task_loss) and math.isfinite(s.aux_loss))}

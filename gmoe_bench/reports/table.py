@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gmoe_bench.config import EXECUTION_KEYS, config_identity, network_width
+from gmoe_bench.errors import ConfigError
 from gmoe_bench.records import SUMMARY_FILE, display_scale, flatten, higher_is_better
 from gmoe_bench.reports.paper_figures import paper_figure
 from gmoe_bench.reports.stats import LEVEL, Interval, difference_interval, mean_interval
@@ -129,7 +130,11 @@ def collect(dirs: list[Path]) -> list[ConfigResult]:
                                      "seeds": [s["seed"] for s in summary["seeds"]],
                                      "wall_seconds": summary.get("wall_seconds")}]}]
         for summary in summaries:
-            _merge(groups, summary, path)
+            try:
+                _merge(groups, summary, path)
+            except ConfigError as err:  # another version's schema: one file never stops a report
+                log.warning("Skipping %s: its config is not one this gmoe-bench reads (%s).",
+                            path, err)
     results = [g for g in groups.values() if g.seeds]
     _name_rows(results)
     return results
@@ -181,6 +186,17 @@ def _name_rows(results: list[ConfigResult]) -> None:
             parts.append(f"{value}" if short == "" else f"{short}={value:g}" if
                          isinstance(value, float) else f"{short}={value}")
         result.label = " ".join(parts) or result.model
+    # Configs that build the same network with other keys (hidden 300 scaled by 1/√4 and hidden
+    # 150 unscaled): named by the raw keys that differ among them.
+    clashing: dict[tuple[str, str], list[ConfigResult]] = {}
+    for r in results:
+        clashing.setdefault((r.label, r.dataset), []).append(r)
+    for group in (g for g in clashing.values() if len(g) > 1):
+        raw = [{k: v for k, v in flatten(r.config).items() if not k.startswith(IGNORED_PREFIXES)}
+               for r in group]
+        keys = sorted({k for f in raw for k in f if len({json.dumps(g.get(k)) for g in raw}) > 1})
+        for r, values in zip(group, raw, strict=True):
+            r.label += "".join(f" {k}={values.get(k)}" for k in keys)
     # The same config trained on different data (another copy, edited labels) is another row.
     clashes = Counter((r.label, r.dataset) for r in results)
     for r in results:
@@ -217,10 +233,12 @@ def _semantics(result: ConfigResult) -> str:
 
 def gains(results: list[ConfigResult]) -> list[Gain]:
     """Every (GMoE row, backbone row) pair on one dataset whose configs differ only in the MoE keys
-    and the hidden size: same backbone, node dropping, depth, optimiser, epochs."""
+    and the hidden size (same backbone, node dropping, depth, optimiser, epochs) and whose seeds
+    trained on the same data (equal fingerprints; an unrecorded one, from older runs, matches)."""
     plain = [r for r in results if not r.is_gmoe]
     return [Gain(g, b) for g in results if g.is_gmoe for b in plain
-            if b.dataset == g.dataset and _semantics(b) == _semantics(g)]
+            if b.dataset == g.dataset and _semantics(b) == _semantics(g)
+            and (b.fingerprint == g.fingerprint or None in (b.fingerprint, g.fingerprint))]
 
 
 def _interval_text(interval: Interval, scale: float) -> str:
@@ -287,9 +305,10 @@ def _formatted_rows(results: list[ConfigResult], plus_minus: str, bold: Callable
 def markdown_table(results: list[ConfigResult]) -> str:
     """Test metric (ROC-AUC × 100) mean ± std over seeds, best per column in bold."""
     datasets, rows = _formatted_rows(results, "±", lambda c: f"**{c}**", "–")
-    metrics = sorted({r.metric for r in results})
-    scaled = " × 100" if display_scale(metrics[0]) == 100 else ""
-    header = ["model", *[f"{d} (test {'/'.join(metrics)}{scaled})" for d in datasets], "seeds"]
+    metric = {r.dataset: r.metric for r in results}
+    header = ["model", *[f"{d} (test {metric[d]}"
+                         f"{' × 100' if display_scale(metric[d]) == 100 else ''})" for d in datasets],
+              "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, cells, seed_counts in rows:
         seeds = "/".join(str(c) for c in sorted(seed_counts))
