@@ -87,6 +87,17 @@ def test_routing_report_counts_every_atom(gmoe_run: Path, tmp_path: Path) -> Non
         assert (tmp_path / "r" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_routing_report_leaves_out_runs_that_route_to_every_expert(
+        gmoe_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    summary = json.loads((gmoe_run / "summary.json").read_text())
+    summary["config"]["moe"]["gate"] = "dense"  # every atom to every expert: V would read 0
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "summary.json").write_text(json.dumps(summary))
+    assert routing_main([str(tmp_path / "dense"), "--out", str(tmp_path / "r")]) == 2
+    assert "a gate other than dense" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_routing_report_without_weights_names_the_fix(gmoe_run: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     code = routing_main([str(gmoe_run), "--out", str(tmp_path / "r"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -113,3 +114,25 @@ def test_bad_inputs_are_named(runs: Path, tmp_path: Path, capsys: pytest.Capture
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_correlation_p_value_counts_orderings_and_scales_to_every_dataset() -> None:
+    from gmoe_bench.analysis.structure_gain import correlation
+
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2.0, 1.0, 4.0, 3.0, 6.0, 5.0]
+    found = correlation(x, y)
+    # by hand: ρ = 1 − 6·Σd² / (n(n² − 1)) = 1 − 6·6 / 210; p = share of the 720 orderings with
+    # |ρ| at least as large
+    assert found.rho == pytest.approx(1 - 36 / 210)
+
+    def rho(order: tuple[float, ...]) -> float:
+        return 1 - 6 * sum((a - b) ** 2 for a, b in zip(x, order, strict=True)) / 210
+
+    orderings = list(itertools.permutations(y))
+    expected = sum(abs(rho(o)) >= abs(found.rho) - 1e-12 for o in orderings) / len(orderings)
+    assert found.p_value == pytest.approx(expected)
+    assert "exact p = " in found.text()
+    # twelve datasets (every ogbg-mol*): 12! orderings are sampled, not enumerated
+    many = correlation([float(i) for i in range(12)], [float(i) for i in range(12)])
+    assert many.rho == pytest.approx(1.0) and many.p_value < 1e-3
+    assert "99,999 permutations p = " in many.text()

@@ -299,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (dirs_exist("gmoe-routing", args.dirs) and out_is_folder("gmoe-routing", args.out)):
         return 2
-    # k = n routes every node to every expert: there is no choice to relate to structure.
+    # k = n, or the dense gate, routes every node to every expert: no choice to relate to structure.
     results = [r for r in collect(args.dirs)
-               if 0 < r.config["moe"]["top_k"] < r.config["moe"]["num_experts"]]
+               if 0 < r.config["moe"]["top_k"] < r.config["moe"]["num_experts"]
+               and r.config["moe"].get("gate", "top_k") != "dense"]
     if not results:
-        print(f"gmoe-routing: error: no GMoE run with top_k < num_experts and a finished seed under "
+        print(f"gmoe-routing: error: no GMoE run that chooses among its experts (top_k < "
+              f"num_experts, a gate other than dense) with a finished seed under "
               f"{', '.join(map(str, args.dirs))}.", file=sys.stderr)
         return 2
     datasets: dict[tuple[str, str], MolDataset] = {}  # by (name, root): copies may differ
