@@ -64,7 +64,7 @@ reproduce-molbbbp: $(STAMP)  ## the paper's ogbg-molbbbp table: baselines, GMoE 
 reproduce-molhiv: $(STAMP)  ## the same for ogbg-molhiv (use a GPU: ARGS="trainer.device=cuda")
 	$(call reproduce,ogbg-molhiv,+experiment=paper_molhiv,multirun/paper_molhiv,results/paper_molhiv)
 
-# A suite table (any ogbg-mol* dataset, DATASET=ogbg-molfreesolv) with the small GMoE search
+# A suite table (any dataset with a config in gmoe_bench/configs/dataset/, DATASET=ogbg-molfreesolv) with the small GMoE search
 # (experiment=suite_search: 3 seeds × 30 epochs); the selected rows run the paper protocol (100 epochs).
 reproduce-suite: check-dataset $(STAMP)  ## a suite table for DATASET=ogbg-mol...: baselines, small GMoE search, selected configs (10 × 100), report
 	$(call reproduce,$(DATASET),+experiment=suite_search dataset=$(DATASET),multirun/suite/$(DATASET),results/suite/$(DATASET),trainer.epochs=100)

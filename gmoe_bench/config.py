@@ -142,6 +142,7 @@ class TrainerConfig:
     # per-seed checkpoints, keyed by dataset and config: re-running a command resumes it
     checkpoint_dir: str = key("${oc.env:GMOE_CHECKPOINT_DIR,checkpoints}", execution=True)
     resume: bool = key(True, execution=True)  # false: ignore existing checkpoints and results
+    # an execution detail, except under moe.gate=expert_choice (its capacity follows the batch)
     eval_batch_size: int = key(256, ge=1, execution=True)
     progress: bool = key(True, execution=True)  # tqdm bars (silent anyway when not on a terminal)
     # seeds trained together in lockstep, as one computation (docs/grouped.md); each keeps its own
@@ -369,9 +370,12 @@ def config_identity(config: TrainConfig | Mapping[str, Any], also_ignore: tuple[
     count as floats (``moe.loss_weight=1`` from a sweep is the same run as ``moe.loss_weight=1.0``)."""
     typed = config if isinstance(config, TrainConfig) else validate(config)
     values, defaults = flatten(as_dict(typed)), _defaults(type(typed))
+    # expert choice fills each expert to a capacity that follows the batch, in evaluation too
+    computes = {"trainer.eval_batch_size"} if (
+        typed.moe.num_experts and typed.moe.gate == Gate.expert_choice) else set()
     canonical: dict[str, Any] = {}
     for dotted, value in values.items():
-        if dotted in also_ignore or is_execution_key(dotted) or (
+        if dotted in also_ignore or (is_execution_key(dotted) and dotted not in computes) or (
                 dotted not in IDENTITY_V1 and value == defaults[dotted]):
             continue
         section, _, name = dotted.rpartition(".")

@@ -267,3 +267,11 @@ def test_suite_search_selects_lowest_rmse_and_reruns_at_the_paper_protocol(
                            "trainer.epochs=100")
     assert selected.dataset.name == "ogbg-molfreesolv" and selected.moe.num_hop2 == 8
     assert selected.trainer.epochs == 100 and len(selected.seeds) == 10
+
+
+def test_gmoe_select_refuses_an_unknown_backbone(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        select_main([str(tmp_path), "--backbone", "GCN"])
+    assert exit_info.value.code == 2
+    assert "argument --backbone: invalid choice: 'GCN' (choose from" in capsys.readouterr().err

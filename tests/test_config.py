@@ -138,3 +138,15 @@ def test_gate_is_a_checked_choice_and_part_of_the_identity() -> None:
                      for g in ("top_k", "expert_choice"))
     without = {**top_k, "moe": {k: v for k, v in top_k["moe"].items() if k != "gate"}}
     assert config_identity(top_k) == config_identity(without) != config_identity(choice)
+
+
+def test_eval_batch_size_counts_only_where_it_changes_results() -> None:
+    """Expert choice fills each expert to a capacity that follows the batch, in evaluation too:
+    there a larger evaluation batch is another run; for every other gate it is not."""
+    def identity(*overrides: str) -> str:
+        return config_identity(validate(composed("moe=gmoe", "trainer.cpu_threads=1", *overrides)))
+
+    assert identity("trainer.eval_batch_size=8") == identity()
+    choice = ("moe.gate=expert_choice",)
+    assert identity(*choice, "trainer.eval_batch_size=8") != identity(*choice)
+    assert identity(*choice, "trainer.eval_batch_size=256") == identity(*choice)  # the default

@@ -91,3 +91,23 @@ def test_many_tasks_with_mostly_missing_labels_train_and_evaluate(tmp_path: Path
     for seed in summary["seeds"]:
         assert all(np.isfinite(e["train_loss"]) and 0 < e["train_loss"] < 5 for e in seed["epochs"])
         assert 0.0 <= seed["test"] <= 1.0
+
+
+def test_average_precision_datasets_train_and_report(tmp_path: Path) -> None:
+    """17 tasks as ogbg-molmuv, scored by average precision (higher is better, shown × 100)."""
+    rng = np.random.default_rng(1)
+    smiles = small_molecules()
+    labels = (rng.random((len(smiles), 17)) < 0.3).astype(float)
+    labels[rng.random(labels.shape) < 0.5] = np.nan
+    write_dataset(tmp_path / "mirror", "ogbg-molmuv", labels)
+    (tmp_path / "run").mkdir()
+    train(compose_cfg(tmp_path, tmp_path / "mirror", "dataset=ogbg-molmuv", *TINY),
+          tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metric"] == "ap" and summary["complete"]
+    for seed in summary["seeds"]:
+        assert 0.0 < seed["test"] <= 1.0
+        valid = [e["valid"] for e in seed["epochs"]]
+        assert seed["valid"] == max(valid)  # the best epoch is the highest AP
+    assert report_main([str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    assert "| ogbg-molmuv (test ap × 100) |" in (tmp_path / "report" / "table.md").read_text()

@@ -96,6 +96,26 @@ def test_incomplete_folder_is_moved_aside_not_deleted(local_copy: Path, small_mi
     assert (aside / "my_notes.txt").read_text() == "mine"
 
 
+def test_incomplete_folder_stays_when_the_mirror_cannot_replace_it(local_copy: Path,
+                                                                    tmp_path: Path) -> None:
+    (local_copy / "RELEASE_v1.txt").unlink()
+    files = sorted(local_copy.rglob("*"))
+    empty_mirror = tmp_path / "empty_mirror"
+    empty_mirror.mkdir()
+    with pytest.raises(DataError, match=r"lacks RELEASE_v1\.txt\), and the data mirror has no "
+                                        r"complete 'ogbg_molbbbp' to copy instead"):
+        load_dataset(dataset_cfg(local_copy.parent, empty_mirror))
+    assert sorted(local_copy.rglob("*")) == files  # not moved aside for nothing
+    assert not list(local_copy.parent.glob("ogbg_molbbbp.incomplete-*"))
+
+
+def test_a_mirror_without_the_dataset_names_the_download(tmp_path: Path) -> None:
+    (tmp_path / "empty_mirror").mkdir()
+    with pytest.raises(DataError, match=r"has no folder 'ogbg_molbbbp' .* or set "
+                                        r"dataset\.mirror=null to let ogb download it"):
+        load_dataset(dataset_cfg(tmp_path / "root", tmp_path / "empty_mirror"))
+
+
 def flip_labels(folder: Path) -> None:
     edit_rows(folder / "raw" / "graph-label.csv.gz",
               lambda rows: rows.__setitem__(slice(None), [str(1 - int(r)) for r in rows]))
@@ -486,10 +506,10 @@ def run_main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["seeds=[0,1"], "Cannot parse the override 'seeds=[0,1': no viable alternative"),
-    (["dataset=ogbg-molpcba"], "dataset=ogbg-molpcba is not one of the dataset configs "
+    (["dataset=ogbg-molchembl"], "dataset=ogbg-molchembl is not one of the dataset configs "
      "(ogbg-molbace, ogbg-molbbbp, ogbg-molclintox, ogbg-molesol, ogbg-molfreesolv, ogbg-molhiv, "
-     "ogbg-mollipo, ogbg-molsider, ogbg-moltox21, ogbg-moltoxcast). For any other OGB dataset, use "
-     "dataset.name=ogbg-molpcba."),
+     "ogbg-mollipo, ogbg-molmuv, ogbg-molpcba, ogbg-molsider, ogbg-moltox21, ogbg-moltoxcast). For "
+     "any other OGB dataset, use dataset.name=ogbg-molchembl."),
     (["-m", "model=gcn,gat"], "model=gat is not one of the model configs (gcn, gin)."),
     (["+experiment=paper_molbbb"], "experiment=paper_molbbb is not one of the experiment configs"),
 ])

@@ -56,3 +56,19 @@ def test_cli_writes_one_row_per_dataset(small_mirror: Path, tmp_path: Path,
         main(["ogbg-molnothing", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "gmoe-heterogeneity: error:" in capsys.readouterr().err
+
+
+def test_cli_checks_out_before_loading_and_reads_the_data_root(
+        small_mirror: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ogbg-molbbbp", "--mirror", str(small_mirror), "--out", str(tmp_path / "a_file")])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "mine"
+    assert not (tmp_path / "data").exists()  # nothing loaded for the refused run
+    monkeypatch.setenv("GMOE_DATA_ROOT", str(tmp_path / "shared_root"))
+    main(["ogbg-molbbbp", "--mirror", str(small_mirror), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "shared_root" / "ogbg_molbbbp" / "processed").is_dir()
+    assert not (tmp_path / "data").exists()

@@ -131,6 +131,8 @@ def test_a_report_is_rebuilt_from_its_digest_alone(tmp_path: Path) -> None:
     assert "| +2.00 |" in (again / "table.md").read_text()  # the gain section survives
     # a digest keeps the routing of the best epoch only: no entropy curves from it, and no crash
     assert (first / "routing_entropy.png").exists() and not (again / "routing_entropy.png").exists()
+    # the routing heat map is of the best epoch (2 of 3 here), which the digest keeps
+    assert (again / "routing.png").read_bytes()[:4] == b"\x89PNG"
     [merged] = [r for r in collect([again / "digest.json"]) if r.is_gmoe]
     assert merged.fingerprint == "f" * 16 and [s["seed"] for s in merged.seeds] == [0, 1, 2]
 

@@ -33,6 +33,7 @@ from gmoe_bench.config import DatasetConfig
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.errors import UserError
 from gmoe_bench.records import write_atomic
+from gmoe_bench.reports.cli import out_is_folder
 
 ATOM_BIN = 5  # atoms per bin of the size distribution
 
@@ -85,17 +86,22 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point (``gmoe-heterogeneity``): one row per dataset, table.md and table.csv."""
     parser = argparse.ArgumentParser(prog="gmoe-heterogeneity", description=__doc__.split("\n\n")[0])
     parser.add_argument("datasets", nargs="+", help="OGB molecular datasets, e.g. ogbg-molbbbp")
-    parser.add_argument("--root", default="data", help="dataset.root (where datasets are kept)")
+    parser.add_argument("--root", default=None,
+                        help="dataset.root, where datasets are kept (default: the GMOE_DATA_ROOT "
+                             "environment variable, else data)")
     parser.add_argument("--mirror", default=None,
                         help="dataset.mirror (default: the GMOE_DATA_MIRROR environment variable)")
     parser.add_argument("--out", type=Path, required=True, help="folder for table.md and table.csv")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not out_is_folder("gmoe-heterogeneity", args.out):  # before any dataset is loaded
+        raise SystemExit(2)
     mirror = args.mirror or os.environ.get("GMOE_DATA_MIRROR")
+    root = args.root or os.environ.get("GMOE_DATA_ROOT", "data")
     rows = []
     try:
         for name in args.datasets:
-            data = load_dataset(DatasetConfig(name=name, root=args.root, mirror=mirror))
+            data = load_dataset(DatasetConfig(name=name, root=root, mirror=mirror))
             rows.append({"dataset": name, **heterogeneity(data.graphs)})
             logging.info("%s: %s", name, rows[-1])
     except UserError as err:

@@ -358,6 +358,10 @@ def _prepare(cfg: DatasetConfig, meta: pd.Series, root: Path, folder: Path,
         if mirror is None or mirror == folder or not writable:
             raise DataError(f"{problem}. Restore those files, or move the folder away and set "
                             "GMOE_DATA_MIRROR / dataset.mirror to a folder with a complete copy.")
+        if not mirror.is_dir() or missing_files(mirror, meta):  # nothing to replace it with
+            raise DataError(f"{problem}, and the data mirror has no complete '{folder.name}' to "
+                            f"copy instead ({mirror}). Restore those files, or put a complete "
+                            "OGB-format folder in the mirror.")
         log.warning("%s; moved it to %s and copying %s instead.", problem,
                     _set_aside(folder, "incomplete"), mirror)
     if not folder.exists():
@@ -369,8 +373,9 @@ def _prepare(cfg: DatasetConfig, meta: pd.Series, root: Path, folder: Path,
             return graphs, data_fingerprint(folder, meta)
         if not mirror.is_dir():
             raise DataError(f"The data mirror {mirror.parent} has no folder '{folder.name}' for "
-                            f"{cfg.name}. Put the extracted OGB folder there, or point "
-                            "dataset.mirror / GMOE_DATA_MIRROR at a folder that has it.")
+                            f"{cfg.name}. Put the extracted OGB folder there, point "
+                            "dataset.mirror / GMOE_DATA_MIRROR at a folder that has it, or set "
+                            "dataset.mirror=null to let ogb download it.")
         _copy_from_mirror(mirror, meta, folder)
     fingerprint = data_fingerprint(folder, meta)
     if not _cache_matches(folder, fingerprint):

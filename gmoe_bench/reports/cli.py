@@ -112,7 +112,7 @@ def select_main(argv: list[str] | None = None) -> int:
                     "for one backbone, ready for `gmoe-train +experiment=paper_selected $(gmoe-select "
                     "...)`.")
     parser.add_argument("dirs", nargs="+", type=Path, help="search folders (searched recursively)")
-    parser.add_argument("--backbone", required=True, help="gcn or gin")
+    parser.add_argument("--backbone", required=True, choices=("gcn", "gin"))
     parser.add_argument("--dataset", default=None, help="needed when the runs span several datasets")
     args = parser.parse_args(argv)
 

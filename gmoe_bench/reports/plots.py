@@ -59,11 +59,15 @@ def validation_curves(results: list[ConfigResult], path: Path) -> None:
 
 
 def routing_heatmaps(results: list[ConfigResult], path: Path) -> bool:
-    """Share of nodes routed to each expert per layer (last epoch, mean over seeds).
+    """Share of nodes routed to each expert per layer at each seed's best validation epoch (the
+    weights the metrics come from, and all a report rebuilt from a digest keeps), mean over seeds.
 
     Returns False (and writes nothing) when no configuration has experts.
     """
-    moe = [r for r in results if all(s["epochs"][-1]["routing"] for s in r.seeds)]
+    def at_best(seed: dict) -> list[list[float]]:
+        return seed["epochs"][seed["best_epoch"] - 1]["routing"]
+
+    moe = [r for r in results if all(at_best(s) for s in r.seeds)]
     if not moe:
         return False
     cols = min(4, len(moe))
@@ -72,7 +76,7 @@ def routing_heatmaps(results: list[ConfigResult], path: Path) -> bool:
     for ax in axes.flat[len(moe):]:
         ax.axis("off")
     for ax, r in zip(axes.flat, moe, strict=False):
-        shares = np.mean([s["epochs"][-1]["routing"] for s in r.seeds], axis=0)  # [L, n]
+        shares = np.mean([at_best(s) for s in r.seeds], axis=0)  # [L, n]
         image = ax.imshow(shares, cmap="viridis", vmin=0, aspect="auto")
         num_hop2 = r.config["moe"]["num_hop2"]
         if num_hop2:
