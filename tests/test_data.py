@@ -119,3 +119,17 @@ def test_drop_nodes_keeps_small_graphs_and_every_graph() -> None:
         assert tuple(edge_index[:, a].tolist()) == (x2[s].item(), x2[d].item())
     _, _, _, b_all = drop_nodes(x, edge_index, edge_attr, batch, 2, p=0.999999)
     assert set(b_all.tolist()) == {0, 1}  # a graph that would lose everything is kept whole
+
+
+def test_drop_nodes_boundary_is_five_atoms() -> None:
+    """As the official code: graphs under 5 atoms stay whole, graphs of 5 are dropped from."""
+    torch.manual_seed(0)
+    sizes = [4, 5]
+    batch = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
+    edges = [(i, i + 1) for i in range(3)] + [(4 + i, 5 + i) for i in range(4)]
+    edge_index = torch.tensor(edges).T
+    edge_index = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+    x, edge_attr = torch.arange(9).view(-1, 1), torch.zeros(edge_index.size(1), 1)
+    kept = [drop_nodes(x, edge_index, edge_attr, batch, 2, p=0.5)[3] for _ in range(50)]
+    assert all((b == 0).sum() == 4 for b in kept)
+    assert any((b == 1).sum() < 5 for b in kept)

@@ -5,6 +5,7 @@ from ogb.utils import smiles2graph
 from torch_geometric.data import Batch, Data
 
 from gmoe_bench.data.hop2 import two_hop_edges
+from gmoe_bench.model.gnn import hop_graphs
 from tests.conftest import small_molecules
 
 
@@ -73,3 +74,14 @@ def test_batched_equals_brute_force_per_graph() -> None:
         expected += [(i + offset, k + offset, a) for i, k, a in brute_force(g)]
     assert got == sorted(expected)
     assert len(got) > 100
+
+
+def test_hop_graphs_degrees_count_their_own_edges() -> None:
+    """Each kind of expert normalises by its own graph's degree (+1 for the self-loop): propane's
+    ends have 1 bond and 1 two-hop path, its middle 2 bonds and none; benzene's atoms 2 bonds and
+    2 two-hop paths (the meta positions)."""
+    b = Batch.from_data_list([graph("CCC"), graph("c1ccccc1")])
+    hop1, hop2_graph = hop_graphs(b.edge_index, b.edge_attr, b.num_nodes, True)
+    assert hop1.deg.tolist() == [2, 3, 2] + [3] * 6
+    assert hop2_graph is not None and hop2_graph.deg.tolist() == [2, 1, 2] + [3] * 6
+    assert hop_graphs(b.edge_index, b.edge_attr, b.num_nodes, False)[1] is None

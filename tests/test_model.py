@@ -203,6 +203,10 @@ def test_cv_squared() -> None:
     assert cv_squared(uneven).item() > 0.5
     assert cv_squared(10 * uneven).item() == pytest.approx(cv_squared(uneven).item(), rel=1e-5)
     assert cv_squared(torch.tensor([0.0, 0.0, 4.0])) > cv_squared(torch.tensor([1.0, 1.0, 2.0]))
+    # the unbiased variance, as the official code: [1, 2, 9] has mean 4 and variance 38/2 = 19
+    assert cv_squared(uneven).item() == pytest.approx(19 / 16)
+    torch.testing.assert_close(cv_squared(torch.tensor([[1.0, 3.0], [2.0, 2.0]])),
+                               torch.tensor([0.5, 0.0]))
 
 
 def test_load_estimator_trains_both_gate_weights() -> None:

@@ -48,13 +48,14 @@ SETTINGS = {
 }
 
 
-def build(setting: str, seed: int, dropout: float = 0.0, noisy: bool = False) -> MolGNN:
+def build(setting: str, seed: int, dropout: float = 0.0, noisy: bool = False,
+          loss_weight: float = 1.0) -> MolGNN:
     backbone, n, m, k, dispatch, gate, virtual, combine = SETTINGS[setting]
     torch.manual_seed(seed)
     model = build_model(
         ModelConfig(backbone=backbone, num_layers=3, hidden_dim=24, dropout=dropout,
                     virtual_node=virtual, pooling="mean"),
-        MoEConfig(num_experts=n, num_hop2=m, top_k=k, loss_weight=1.0, noisy_gating=noisy,
+        MoEConfig(num_experts=n, num_hop2=m, top_k=k, loss_weight=loss_weight, noisy_gating=noisy,
                   combine=combine, dispatch=dispatch, scale_hidden=True, gate=gate), 1)
     for module in model.modules():  # gates start at zero: give them an opinion
         if hasattr(module, "w_gate"):
@@ -244,3 +245,21 @@ def test_a_diverged_seed_leaves_its_group(small_mirror: Path, tmp_path: Path,
     assert [s["seed"] for s in summary["seeds"]] == [0, 2]
     for seed, curve in curves(reference).items():
         assert curves(summary)[seed] == pytest.approx(curve, rel=1e-4)
+
+
+@pytest.mark.parametrize("setting", ["gmoe-gcn-hop2-virtual", "gmoe-gin-hop2-virtual"])
+def test_balance_loss_is_scaled_by_lambda(setting: str) -> None:
+    """moe.loss_weight (λ) multiplies the balance loss, alone and in a group of seeds."""
+    parts = batches(2)
+
+    def balance(weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        models = [build(setting, seed, loss_weight=weight).eval() for seed in range(2)]
+        with torch.no_grad():
+            solo = models[0](parts[0].x, parts[0].edge_index, parts[0].edge_attr, parts[0].batch,
+                             parts[0].num_graphs).aux_loss
+            return solo, group_forward(models, *joined(parts), None).aux_loss
+
+    (solo_full, group_full), (solo_tenth, group_tenth) = balance(1.0), balance(0.1)
+    assert solo_full > 0 and (group_full > 0).all()
+    torch.testing.assert_close(solo_tenth, 0.1 * solo_full)
+    torch.testing.assert_close(group_tenth, 0.1 * group_full)
