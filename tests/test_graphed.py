@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import Batch
 
@@ -25,6 +26,7 @@ from gmoe_bench.data.padding import (
 from gmoe_bench.engine.checkpoint import SeedCheckpoint
 from gmoe_bench.engine.graphed import GraphedTrainStep, check_graphable
 from gmoe_bench.engine.loop import train_epoch, train_step
+from gmoe_bench.engine.loss import task_loss
 from gmoe_bench.engine.run import build_optimizer, resolve_device, start_seed
 from gmoe_bench.errors import ConfigError
 from gmoe_bench.model import MolGNN, build_model
@@ -246,3 +248,17 @@ def test_grouped_dense_experts_equal_one_expert_at_a_time(setting: str, padded: 
         for a, r in zip(grouped.norms, reference.norms, strict=True):
             torch.testing.assert_close(a.running_mean, r.running_mean)
             torch.testing.assert_close(a.running_var, r.running_var)
+
+
+def test_task_loss_averages_over_labelled_entries_only() -> None:
+    """OGB's loss: the mean over the labelled (graph, task) entries; a missing label adds nothing
+    and is not counted; a batch without labels gives 0 (not NaN)."""
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    y = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    expected = torch.stack([F.binary_cross_entropy_with_logits(logits[i, j], y[i, j])
+                            for i, j in ((0, 0), (1, 0), (1, 1))]).mean()
+    torch.testing.assert_close(task_loss(logits, y, "binary classification"), expected)
+    regression = task_loss(logits, torch.tensor([[1.0, float("nan")], [3.0, 0.0]]), "regression")
+    torch.testing.assert_close(regression, torch.tensor((1.0 + 4.0 + 1.0) / 3))
+    none = task_loss(logits, torch.full((2, 2), float("nan")), "binary classification")
+    assert none.item() == 0.0

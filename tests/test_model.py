@@ -221,6 +221,19 @@ def test_load_estimator_trains_both_gate_weights() -> None:
     assert gate.w_noise.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_smooth_load_counts_k_experts_per_node(k: int) -> None:
+    """Shazeer's load is each node's probability of being in each expert's top k: summed over
+    experts it is about k per node, where the importance (softmaxed weights) is exactly 1."""
+    torch.manual_seed(0)
+    gate = NoisyTopKGate(16, num_experts=4, top_k=k, noisy=True).train()
+    torch.nn.init.normal_(gate.w_gate, std=0.1)
+    torch.nn.init.normal_(gate.w_noise, std=0.1)
+    routing = gate(torch.randn(2000, 16))
+    assert routing.importance.sum().item() / 2000 == pytest.approx(1.0, abs=1e-5)
+    assert routing.load.sum().item() / 2000 == pytest.approx(k, abs=0.05)
+
+
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("backbone", ["gcn", "gin"])
 @pytest.mark.parametrize(("n", "m", "k"), [(4, 0, 1), (4, 2, 2), (4, 4, 4), (6, 3, 2), (1, 1, 1)])
