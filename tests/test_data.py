@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from gmoe_bench.config import DatasetConfig
 from gmoe_bench.data.augment import drop_nodes
@@ -99,16 +100,23 @@ def test_missing_dataset_without_network_or_mirror(tmp_path: Path,
     assert not (tmp_path / "ogbg_molbbbp").exists()  # nothing half-made is left behind
 
 
+def paths(sizes: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Path graphs of the given atom counts, batched: atom ids as features, edge ids as bond
+    features, both directions of each bond."""
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    edges = [(start + i, start + i + 1) for start, size in zip(starts, sizes, strict=True)
+             for i in range(size - 1)]
+    edge_index = torch.tensor(edges).T
+    edge_index = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return (torch.arange(sum(sizes)).view(-1, 1), edge_index,
+            torch.arange(edge_index.size(1)).view(-1, 1), batch)
+
+
 def test_drop_nodes_keeps_small_graphs_and_every_graph() -> None:
     torch.manual_seed(0)
     # graph 0: a 3-atom path (never dropped); graph 1: a 10-atom path.
-    sizes = [3, 10]
-    batch = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
-    edges = [(i, i + 1) for i in range(2)] + [(3 + i, 4 + i) for i in range(9)]
-    edge_index = torch.tensor(edges).T
-    edge_index = torch.cat([edge_index, edge_index.flip(0)], dim=1)
-    edge_attr = torch.arange(edge_index.size(1)).view(-1, 1)
-    x = torch.arange(13).view(-1, 1)
+    x, edge_index, edge_attr, batch = paths([3, 10])
     x2, ei2, ea2, b2 = drop_nodes(x, edge_index, edge_attr, batch, 2, p=0.5)
     assert (b2 == 0).sum() == 3  # small graph intact
     assert 1 <= (b2 == 1).sum() < 10
@@ -124,12 +132,7 @@ def test_drop_nodes_keeps_small_graphs_and_every_graph() -> None:
 def test_drop_nodes_boundary_is_five_atoms() -> None:
     """As the official code: graphs under 5 atoms stay whole, graphs of 5 are dropped from."""
     torch.manual_seed(0)
-    sizes = [4, 5]
-    batch = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
-    edges = [(i, i + 1) for i in range(3)] + [(4 + i, 5 + i) for i in range(4)]
-    edge_index = torch.tensor(edges).T
-    edge_index = torch.cat([edge_index, edge_index.flip(0)], dim=1)
-    x, edge_attr = torch.arange(9).view(-1, 1), torch.zeros(edge_index.size(1), 1)
+    x, edge_index, edge_attr, batch = paths([4, 5])
     kept = [drop_nodes(x, edge_index, edge_attr, batch, 2, p=0.5)[3] for _ in range(50)]
     assert all((b == 0).sum() == 4 for b in kept)
     assert any((b == 1).sum() < 5 for b in kept)
