@@ -150,7 +150,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         checkpoint = SeedCheckpoint(checkpoints, seed)
         if not typed.trainer.resume:
             checkpoint.set_aside_previous()
-        finished = checkpoint.finished_result() if typed.trainer.resume else None
+        finished = checkpoint.finished_result()
         if finished is None:
             pending.append(seed)
         else:

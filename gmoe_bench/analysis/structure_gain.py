@@ -140,7 +140,8 @@ def correlation(x: list[float], y: list[float]) -> Correlation:
         return Correlation(None, None, len(pairs), "the values are all equal")
 
     # Spearman's ρ is Pearson's r of the ranks: rank once, then one vectorised r per ordering
-    x_centred = rankdata(xs) - rankdata(xs).mean()
+    x_ranks = rankdata(xs)
+    x_centred = x_ranks - x_ranks.mean()
 
     def rho(y_ranks: np.ndarray, axis: int = -1) -> np.ndarray:
         y_centred = y_ranks - y_ranks.mean(axis=axis, keepdims=True)

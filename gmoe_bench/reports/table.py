@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,20 +187,24 @@ def _name_rows(results: list[ConfigResult]) -> None:
         result.label = " ".join(parts) or result.model
     # Configs that build the same network with other keys (hidden 300 scaled by 1/√4 and hidden
     # 150 unscaled): named by the raw keys that differ among them.
-    clashing: dict[tuple[str, str], list[ConfigResult]] = {}
-    for r in results:
-        clashing.setdefault((r.label, r.dataset), []).append(r)
-    for group in (g for g in clashing.values() if len(g) > 1):
+    for group in _same_label(results):
         raw = [{k: v for k, v in flatten(r.config).items() if not k.startswith(IGNORED_PREFIXES)}
                for r in group]
         keys = sorted({k for f in raw for k in f if len({json.dumps(g.get(k)) for g in raw}) > 1})
         for r, values in zip(group, raw, strict=True):
             r.label += "".join(f" {k}={values.get(k)}" for k in keys)
     # The same config trained on different data (another copy, edited labels) is another row.
-    clashes = Counter((r.label, r.dataset) for r in results)
-    for r in results:
-        if clashes[r.label, r.dataset] > 1:
+    for group in _same_label(results):
+        for r in group:
             r.label += f" data={r.fingerprint[:8] if r.fingerprint else 'unrecorded'}"
+
+
+def _same_label(results: list[ConfigResult]) -> list[list[ConfigResult]]:
+    """The groups of two or more results that share a (label, dataset) cell."""
+    cells: dict[tuple[str, str], list[ConfigResult]] = {}
+    for r in results:
+        cells.setdefault((r.label, r.dataset), []).append(r)
+    return [group for group in cells.values() if len(group) > 1]
 
 
 @dataclass
