@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -20,12 +21,28 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gmoe_bench import output_dirs
-from gmoe_bench.config import CONFIG_DIR, as_dict, config_error, describe, validate
+from gmoe_bench.config import (
+    CONFIG_DIR,
+    TrainConfig,
+    as_dict,
+    config_error,
+    config_identity,
+    describe,
+    validate,
+)
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, check_writable, checkpoint_directory
 from gmoe_bench.engine.run import resolve_device, run_seeds
 from gmoe_bench.errors import TrainingError, UserError, describe_error
-from gmoe_bench.records import SUMMARY_FILE, EpochRecord, SeedResult, provenance, write_json_atomic
+from gmoe_bench.output_dirs import aside_name
+from gmoe_bench.records import (
+    SUMMARY_FILE,
+    EpochRecord,
+    SeedResult,
+    higher_is_better,
+    provenance,
+    write_json_atomic,
+)
 from gmoe_bench.tracking.summary import aggregate, summary_line
 from gmoe_bench.tracking.wandb_logger import WandbLogger
 
@@ -69,6 +86,28 @@ def job_command() -> str:
     return " ".join(map(shlex.quote, [Path(sys.argv[0]).name, *sys.argv[1:]]))
 
 
+def keep_earlier_summary(path: Path, typed: TrainConfig, fingerprint: str) -> None:
+    """Move an earlier summary.json in this output folder aside (``summary.json.replaced-<time>``)
+    unless this run re-runs it: the same computation on the same data, its seeds among ours.
+
+    A reused ``hydra.run.dir`` or sweep job folder (job folders are named without the seeds)
+    would otherwise lose the earlier run's report entry."""
+    if not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+        seeds = {entry["seed"] for entry in earlier["seeds"] + earlier["failed_seeds"]}
+        rerun = (config_identity(earlier["config"]) == config_identity(typed)
+                 and earlier["data"]["fingerprint"] == fingerprint and seeds <= set(typed.seeds))
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError, UserError):
+        rerun = False  # not a summary we can read: kept all the same
+    if not rerun:
+        aside = aside_name(path, "replaced")
+        path.rename(aside)
+        log.warning("%s held another run's results (another config, data or seeds); kept as %s.",
+                    path, aside)
+
+
 def save_summary(summary: dict[str, Any], path: Path, start: float, seeds: list[int]) -> None:
     """Write summary.json, its seeds in the config's order (finished ones are found first)."""
     summary["seeds"].sort(key=lambda result: seeds.index(result["seed"]))
@@ -104,7 +143,8 @@ class EpochLog:
 
 
 def train(cfg: DictConfig, output_dir: Path) -> float:
-    """Run every seed of ``cfg``; write summary.json; return the mean validation metric.
+    """Run every seed of ``cfg``; write summary.json; return the validation score to maximise
+    (hparams_search): the mean validation metric, negated for errors such as RMSE.
 
     Seeds already finished under ``trainer.checkpoint_dir`` are taken as they are, an interrupted
     seed resumes from its last epoch. A seed whose loss stops being finite is recorded as failed,
@@ -142,6 +182,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         "complete": False,
     }
     path = output_dir / SUMMARY_FILE
+    keep_earlier_summary(path, typed, data.fingerprint)
     wandb = WandbLogger(typed.logger.wandb, typed, data.name, model_name, data.eval_metric,
                         typed.moe.num_experts - typed.moe.num_hop2, output_dir)
     start = time.perf_counter()
@@ -198,7 +239,8 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         failed = ", ".join(str(f["seed"]) for f in summary["failed_seeds"])
         raise TrainingError(f"seed(s) {failed} failed (see {path}); the other seeds' results are "
                             "in it.")
-    return summary["aggregate"]["valid_mean"]
+    valid = summary["aggregate"]["valid_mean"]
+    return valid if higher_is_better(data.eval_metric) else -valid
 
 
 class SweepJobError(CompactHydraException):

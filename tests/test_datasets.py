@@ -48,11 +48,14 @@ def test_regression_selects_and_reports_the_lowest_rmse(regression_mirror: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     runs = {"gcn": (), "gmoe_k1": ("moe=gmoe", "moe.num_experts=4", "moe.top_k=1"),
             "gmoe_k2": ("moe=gmoe", "moe.num_experts=4", "moe.top_k=2")}
+    scores = {}
     for name, overrides in runs.items():
         (tmp_path / name).mkdir()
-        train(compose_cfg(tmp_path, regression_mirror, "dataset.name=ogbg-molesol", *TINY,
-                          *overrides), tmp_path / name)
+        scores[name] = train(compose_cfg(tmp_path, regression_mirror, "dataset.name=ogbg-molesol",
+                                         *TINY, *overrides), tmp_path / name)
     summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in runs}
+    # what a sweeper maximises (hparams_search=gmoe_optuna): the lowest RMSE scores highest
+    assert scores == {n: -s["aggregate"]["valid_mean"] for n, s in summaries.items()}
     for summary in summaries.values():
         assert summary["metric"] == "rmse" and summary["complete"]
         for seed in summary["seeds"]:  # the best epoch is the one with the lowest validation RMSE

@@ -146,8 +146,33 @@ def set_row(path_in_raw: str, row: int, value: str):
     return apply
 
 
+def edit_split(part: str, edit):
+    def apply(folder: Path) -> None:
+        edit_rows(folder / "split" / "scaffold" / f"{part}.csv.gz", edit)
+    return apply
+
+
+def first_train_index(folder: Path) -> str:
+    with gzip.open(folder / "split" / "scaffold" / "train.csv.gz", "rt") as f:
+        return f.readline().strip()
+
+
+def leak_into_test(folder: Path) -> None:
+    edit_split("test", lambda rows: rows.append(first_train_index(folder)))(folder)
+
+
+def empty_valid(folder: Path) -> None:
+    with gzip.open(folder / "split" / "scaffold" / "valid.csv.gz", "wt"):
+        pass
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (set_row("graph-label.csv.gz", 5, "abc"), r"graph-label\.csv\.gz line 6 holds 'abc'"),
+    (set_row("graph-label.csv.gz", 5, "inf"), r"graph-label\.csv\.gz line 6: an infinite label"),
+    (edit_split("train", lambda rows: rows.insert(3, rows[0])),
+     r"train\.csv\.gz line 4: a graph index listed twice in this split"),
+    (leak_into_test, r"test\.csv\.gz line \d+: a graph index that is also in the train split"),
+    (empty_valid, r"valid\.csv\.gz lists no graph; every split needs at least one"),
     (set_row("edge.csv.gz", 3, "0,1,2"), r"edge\.csv\.gz is not a well-formed CSV file"),
     (set_row("node-feat.csv.gz", 4, "999,0,0,0,0,0,0,0,0"),
      r"node-feat\.csv\.gz line 5: a feature outside OGB's vocabulary"),

@@ -164,6 +164,26 @@ def test_an_epoch_without_a_training_step_is_an_error(tmp_path: Path) -> None:
         train(cfg, tmp_path / "run")
 
 
+def test_a_reused_output_folder_keeps_the_earlier_runs_summary(small_mirror: Path,
+                                                                tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    train(compose_cfg(tmp_path, small_mirror, "seeds=[0,1]", "trainer.epochs=1"), tmp_path / "run")
+    first = (tmp_path / "run" / "summary.json").read_text()
+    # a re-run of the same seeds, or of more seeds, extends it in place
+    train(compose_cfg(tmp_path, small_mirror, "seeds=[0,1,2]", "trainer.epochs=1"), tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["summary.json"]
+    # other seeds, then another model, in the same folder: each earlier summary is kept aside
+    train(compose_cfg(tmp_path, small_mirror, "seeds=[3]", "trainer.epochs=1"), tmp_path / "run")
+    train(compose_cfg(tmp_path, small_mirror, "seeds=[3]", "trainer.epochs=1", "model=gin"),
+          tmp_path / "run")
+    aside = sorted((tmp_path / "run").glob("summary.json.replaced-*"))
+    assert len(aside) == 2
+    kept = [json.loads(p.read_text()) for p in aside]
+    assert sorted(tuple(s["seed"] for s in k["seeds"]) for k in kept) == [(0, 1, 2), (3,)]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["model"] == "gin"
+    assert json.loads(first)["seeds"][0] == next(k for k in kept if len(k["seeds"]) == 3)["seeds"][0]
+
+
 def test_finished_seeds_are_skipped_on_rerun(small_mirror: Path, tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, small_mirror, "seeds=[0,1]", "trainer.epochs=2")
     (tmp_path / "a").mkdir()

@@ -174,17 +174,37 @@ def check_raw_files(folder: Path, meta: pd.Series) -> None:
     outside = ((edge < 0) | (edge >= graph_nodes[:, None])).any(axis=1)
     if outside.any():
         raise _first_bad(raw / "edge.csv.gz", outside, "a node index outside its molecule")
+    infinite = np.isinf(labels).any(axis=1)
+    if infinite.any():
+        raise _first_bad(raw / "graph-label.csv.gz", infinite,
+                         "an infinite label (a missing label is an empty field)")
     if "classification" in str(meta["task type"]):
         not_binary = ~(np.isnan(labels) | (labels == 0) | (labels == 1)).all(axis=1)
         if not_binary.any():
             raise _first_bad(raw / "graph-label.csv.gz", not_binary,
                              "a label other than 0, 1 or empty in a binary classification task")
+    split_of = np.full(len(nodes), "", dtype=object)  # the split each graph is in so far
     for part in ("train", "valid", "test"):
         path = folder / "split" / str(meta["split"]) / f"{part}.csv.gz"
         index = _read_table(path, 1, "int", str(meta.name))[:, 0]
+        if not len(index):
+            raise DataError(f"{path} lists no graph; every split needs at least one. Replace the "
+                            "dataset folder with a complete OGB-format copy (the official zip as "
+                            "it extracts).")
         outside = (index < 0) | (index >= len(nodes))
         if outside.any():
             raise _first_bad(path, outside, f"a graph index outside 0..{len(nodes) - 1}")
+        index = index.astype(int)
+        first_time = np.zeros(len(index), dtype=bool)
+        first_time[np.unique(index, return_index=True)[1]] = True
+        if not first_time.all():
+            raise _first_bad(path, ~first_time, "a graph index listed twice in this split")
+        earlier = split_of[index] != ""
+        if earlier.any():
+            other = split_of[index[earlier][0]]
+            raise _first_bad(path, earlier, f"a graph index that is also in the {other} split "
+                             "(the splits must not share graphs)")
+        split_of[index] = part
 
 
 def data_fingerprint(folder: Path, meta: pd.Series) -> str:
