@@ -364,13 +364,30 @@ IDENTITY_V1 = ("dataset.name", "dataset.drop_node_p", "model.backbone", "model.n
                "trainer.batch_size", "trainer.lr")
 
 
+# Keys that mean nothing without experts (moe.num_experts=0). Unlike moe.combine, moe.dispatch,
+# moe.scale_hidden and moe.loss_weight, which preset=official sets for its baselines too, no config
+# sets them for a plain backbone, so they can leave its identity without moving any stored run.
+EXPERT_ONLY_KEYS = ("moe.num_hop2", "moe.top_k", "moe.gate")
+
+
+def ignored_expert_keys(config: TrainConfig) -> list[str]:
+    """``key=value`` of the :data:`EXPERT_ONLY_KEYS` a plain-backbone config sets to no effect."""
+    if config.moe.enabled:
+        return []
+    values, defaults = flatten(as_dict(config)), _defaults(type(config))
+    return [f"{k}={values[k]}" for k in EXPERT_ONLY_KEYS if values[k] != defaults[k]]
+
+
 def config_identity(config: TrainConfig | Mapping[str, Any], also_ignore: tuple[str, ...] = ()) -> str:
     """Short stable hash of what a config computes: its :data:`IDENTITY_V1` keys and any key added
-    since that is not at its default (execution keys never). A stored config (summary.json's) is
+    since that is not at its default (execution keys never; :data:`EXPERT_ONLY_KEYS` not for the
+    plain backbone). A stored config (summary.json's) is
     read through the schema first: its keys added later take their defaults, ints of float keys
     count as floats (``moe.loss_weight=1`` from a sweep is the same run as ``moe.loss_weight=1.0``)."""
     typed = config if isinstance(config, TrainConfig) else validate(config)
     values, defaults = flatten(as_dict(typed)), _defaults(type(typed))
+    if not typed.moe.enabled:  # the plain backbone: the same run whatever its experts would be
+        values |= {k: defaults[k] for k in EXPERT_ONLY_KEYS}
     # expert choice fills each expert to a capacity that follows the batch, in evaluation too
     computes = {"trainer.eval_batch_size"} if (
         typed.moe.num_experts and typed.moe.gate == Gate.expert_choice) else set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -71,6 +72,42 @@ class SeedResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def seed_record_problem(record: Any) -> str | None:
+    """Why a stored seed result (``seed_S.json``, a summary's seed, a digest's seed rebuilt) cannot
+    be reported, or None: it needs an integer seed, epoch records with finite figures, a best epoch
+    among them, and finite valid and test figures that are that epoch's (to 4 decimals, as a
+    digest's curves keep them)."""
+    if not isinstance(record, dict):
+        return "it is not a JSON object"
+    missing = [k for k in ("seed", "best_epoch", "valid", "test", "epochs") if k not in record]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    seed, best, epochs = record["seed"], record["best_epoch"], record["epochs"]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return f"its seed {seed!r} is not an integer"
+    if not isinstance(epochs, list) or not epochs or not all(
+            isinstance(e, dict) and _is_number(e.get("valid")) and _is_number(e.get("test"))
+            for e in epochs):
+        return "its epoch records are missing or hold non-numbers"
+    if not isinstance(best, int) or isinstance(best, bool) or not 1 <= best <= len(epochs):
+        return f"its best epoch {best!r} is not one of its {len(epochs)} epochs"
+    routing = epochs[best - 1].get("routing", [])
+    if not isinstance(routing, list) or not all(
+            isinstance(layer, list) and all(map(_is_number, layer)) for layer in routing):
+        return "its routing shares are not lists of numbers"
+    for split in ("valid", "test"):
+        value = record[split]
+        if not _is_number(value):
+            return f"its {split} figure {value!r} is not a finite number"
+        if abs(value - epochs[best - 1][split]) > 1e-4:
+            return f"its {split} figure {value} is not its best epoch's ({epochs[best - 1][split]})"
+    return None
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:

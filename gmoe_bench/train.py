@@ -28,6 +28,7 @@ from gmoe_bench.config import (
     config_error,
     config_identity,
     describe,
+    ignored_expert_keys,
     validate,
 )
 from gmoe_bench.data.ogb import load_dataset
@@ -151,6 +152,10 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     the others go on, and TrainingError is raised at the end.
     """
     typed = validate(cfg)
+    ignored = ignored_expert_keys(typed)
+    if ignored:
+        log.warning("%s: no effect with moe.num_experts=0 (the plain backbone); this is the "
+                    "backbone's run, and its finished seeds are reused.", ", ".join(ignored))
     set_threads(typed.trainer.cpu_threads)
     device = resolve_device(typed.trainer.device, typed.trainer.cuda_graphs)
     # before the data is copied and processed (minutes for the larger datasets)

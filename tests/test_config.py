@@ -17,6 +17,7 @@ from gmoe_bench.config import (
     as_dict,
     config_error,
     config_identity,
+    ignored_expert_keys,
     valid_keys,
     validate,
 )
@@ -144,6 +145,20 @@ def test_gate_is_a_checked_choice_and_part_of_the_identity() -> None:
                      for g in ("top_k", "expert_choice"))
     without = {**top_k, "moe": {k: v for k, v in top_k["moe"].items() if k != "gate"}}
     assert config_identity(top_k) == config_identity(without) != config_identity(choice)
+
+
+def test_expert_settings_of_a_plain_backbone_leave_it_the_same_run() -> None:
+    plain = validate(composed())
+    for overrides in (("moe.top_k=2",), ("moe.num_hop2=0", "moe.gate=dense")):
+        typed = validate(composed(*overrides))
+        assert config_identity(typed) == config_identity(plain) == "e63e5632"
+    assert ignored_expert_keys(validate(composed("moe.top_k=2", "moe.gate=dense"))) == [
+        "moe.top_k=2", "moe.gate=dense"]
+    assert ignored_expert_keys(plain) == []
+    # with experts they compute something else; keys preset=official sets for baselines still count
+    assert config_identity(validate(composed("moe=gmoe", "moe.top_k=2"))) != config_identity(
+        validate(composed("moe=gmoe", "moe.top_k=1")))
+    assert config_identity(validate(composed("moe.combine=mean"))) != "e63e5632"
 
 
 def test_eval_batch_size_counts_only_where_it_changes_results() -> None:

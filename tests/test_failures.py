@@ -493,13 +493,31 @@ def test_reports_skip_unreadable_summaries_and_name_them(
     run = tmp_path / "runs" / "good"
     run.mkdir(parents=True)
     train(compose_run(tmp_path, local_copy.parent), run)
-    for name, content in (("truncated", '{"dataset": "ogbg-mol'), ("foreign", '{"loss": 1}')):
+    good = json.loads((run / "summary.json").read_text())
+
+    def edited(edit) -> str:
+        summary = json.loads(json.dumps(good))
+        edit(summary, summary["seeds"][0])
+        return json.dumps(summary)
+
+    bad = {"truncated": '{"dataset": "ogbg-mol', "foreign": '{"loss": 1}',
+           "nan_test": edited(lambda s, seed: seed.update(test=float("nan"))),
+           "text_test": edited(lambda s, seed: seed.update(test="abc")),
+           "no_epochs": edited(lambda s, seed: seed.update(epochs=[])),
+           "best_outside": edited(lambda s, seed: seed.update(best_epoch=99)),
+           "not_its_best": edited(lambda s, seed: seed.update(test=0.5)),
+           "text_routing": edited(lambda s, seed: seed["epochs"][seed["best_epoch"] - 1].update(
+               routing=[["a"]])),
+           "unknown_metric": edited(lambda s, seed: s.update(metric="r2"))}
+    for name, content in bad.items():
         (tmp_path / "runs" / name).mkdir()
         (tmp_path / "runs" / name / "summary.json").write_text(content)
     with caplog.at_level(logging.WARNING):
         assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
-    assert f"Skipping {tmp_path / 'runs' / 'truncated' / 'summary.json'}" in caplog.text
-    assert f"Skipping {tmp_path / 'runs' / 'foreign' / 'summary.json'}" in caplog.text
+    for name in bad:
+        assert f"Skipping {tmp_path / 'runs' / name / 'summary.json'}" in caplog.text
+    report = json.loads((tmp_path / "report" / "digest.json").read_text())
+    assert [s["test"] for s in report[0]["seeds"]] == [s["test"] for s in good["seeds"]]
     capsys.readouterr()
     assert len(collect([tmp_path / "runs"])) == 1
     (tmp_path / "taken").write_text("x")

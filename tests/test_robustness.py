@@ -123,6 +123,27 @@ def test_unreadable_checkpoint_starts_the_seed_over(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in tmp_path.glob("seed_0.pt.unusable-*")] == [b"truncated"]
 
 
+@pytest.mark.parametrize("edit", [
+    lambda r: r.update(test=0.5),  # not its best epoch's figure
+    lambda r: r.update(test=float("nan")),
+    lambda r: r.update(valid="0.9"),
+    lambda r: r.update(epochs=[]),
+    lambda r: r.update(best_epoch=99),
+    lambda r: r.update(seed=True),
+])
+def test_a_tampered_seed_result_is_set_aside(tmp_path: Path, edit) -> None:
+    epochs = [{"epoch": i, "valid": v, "test": t, "routing": []}
+              for i, (v, t) in enumerate([(0.7, 0.6), (0.8, 0.65)], 1)]
+    record = {"seed": 0, "best_epoch": 2, "valid": 0.8, "test": 0.65, "epochs": epochs}
+    checkpoint = SeedCheckpoint(tmp_path, seed=0)
+    checkpoint.result_path.write_text(json.dumps(record))
+    assert checkpoint.finished_result() == record
+    edit(record)
+    checkpoint.result_path.write_text(json.dumps(record))
+    assert checkpoint.finished_result() is None
+    assert len(list(tmp_path.glob("seed_0.json.unusable-*"))) == 1
+
+
 def compose_cfg(tmp_path: Path, mirror: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=[

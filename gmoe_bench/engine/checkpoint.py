@@ -31,7 +31,7 @@ import torch
 from gmoe_bench.config import TrainConfig, config_identity
 from gmoe_bench.errors import ConfigError, TrainingError
 from gmoe_bench.output_dirs import aside_name
-from gmoe_bench.records import write_atomic, write_json_atomic
+from gmoe_bench.records import seed_record_problem, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,6 @@ def set_aside(path: Path, reason: str) -> None:
     log.warning("%s cannot be used (%s); moved to %s, the seed starts over.", path, reason, aside)
 
 
-# What a finished seed's record must hold to be reported (gmoe_bench.records.SeedResult).
-RESULT_KEYS = ("seed", "best_epoch", "valid", "test", "epochs")
 STATE_KEYS = ("model", "optimizer", "rng", "records", "wall_seconds")
 
 
@@ -132,10 +130,10 @@ class SeedCheckpoint:
             return None
         try:
             result = json.loads(self.result_path.read_text())
-            missing = [k for k in RESULT_KEYS if k not in result]
-            if missing or result["seed"] != self.seed:
-                raise ValueError(f"not seed {self.seed}'s result: lacks {', '.join(missing)}"
-                                 if missing else f"it is seed {result['seed']}'s result")
+            if problem := seed_record_problem(result):
+                raise ValueError(f"not a usable result: {problem}")
+            if result["seed"] != self.seed:
+                raise ValueError(f"it is seed {result['seed']}'s result")
         except (ValueError, TypeError, UnicodeDecodeError) as err:
             set_aside(self.result_path, str(err))
             return None

@@ -14,7 +14,13 @@ import numpy as np
 
 from gmoe_bench.config import EXECUTION_KEYS, config_identity, network_width
 from gmoe_bench.errors import ConfigError
-from gmoe_bench.records import SUMMARY_FILE, display_scale, flatten, higher_is_better
+from gmoe_bench.records import (
+    SUMMARY_FILE,
+    display_scale,
+    flatten,
+    higher_is_better,
+    seed_record_problem,
+)
 from gmoe_bench.reports.paper_figures import paper_figure
 from gmoe_bench.reports.stats import LEVEL, Interval, difference_interval, mean_interval
 
@@ -32,9 +38,10 @@ GMOE_ONLY_PREFIXES = ("moe.", "model.hidden_dim")
 
 
 DIGEST_FILE = "digest.json"
-# What collect() reads from a summary.json, and from each of its seeds.
+# What collect() reads from a summary.json.
 SUMMARY_KEYS = ("dataset", "model", "metric", "config", "provenance", "seeds")
-SEED_KEYS = {"seed", "valid", "test"}
+# OGB's graph property metrics (ogb.graphproppred.Evaluator).
+METRICS = frozenset({"rocauc", "ap", "rmse", "mae", "acc", "F1"})
 
 
 @dataclass
@@ -72,6 +79,18 @@ class ConfigResult:
         return self.config["moe"]["num_experts"] > 0
 
 
+def _check_entry(summary: dict[str, Any]) -> None:
+    """A ValueError naming what makes a summary (or a digest's configuration) unreportable."""
+    if not isinstance(summary["config"], dict) or not isinstance(summary["seeds"], list):
+        raise ValueError("its config or seeds are not those of gmoe-train")
+    if summary["metric"] not in METRICS:
+        raise ValueError(f"its metric {summary['metric']!r} is not one of OGB's "
+                         f"({', '.join(sorted(METRICS))})")
+    for seed in summary["seeds"]:
+        if problem := seed_record_problem(seed):
+            raise ValueError(f"a seed's result is unusable: {problem}")
+
+
 def read_summary(path: Path) -> dict[str, Any] | None:
     """The content of a gmoe-train summary.json, or None, with a warning naming the file, when it
     is not one (truncated, foreign): one such file never stops a report."""
@@ -80,9 +99,7 @@ def read_summary(path: Path) -> dict[str, Any] | None:
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise ValueError(f"it lacks {', '.join(missing)}")
-        if not isinstance(summary["config"], dict) or not all(
-                isinstance(s, dict) and s.keys() >= SEED_KEYS for s in summary["seeds"]):
-            raise ValueError("its config or seeds are not those of gmoe-train")
+        _check_entry(summary)
     except (OSError, ValueError, TypeError) as err:
         log.warning("Skipping %s: not a readable gmoe-train summary.json (%s: %s).", path,
                     type(err).__name__, err)
@@ -106,6 +123,8 @@ def read_digest(path: Path) -> list[dict[str, Any]]:
                                       zip(s["valid_curve"], s["test_curve"], strict=True), 1)]}
                       for s in e["seeds"]],
         } for e in entries]
+        for summary in summaries:
+            _check_entry(summary)
     except (OSError, ValueError, TypeError, KeyError) as err:
         log.warning("Skipping %s: not a readable gmoe-report digest.json (%s: %s).", path,
                     type(err).__name__, err)
