@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,27 @@ def _hydra_main(cfg: DictConfig) -> float:
         raise SystemExit(2 if isinstance(err, UserError) else 3) from None
 
 
+def output_folder_error(err: OSError) -> str | None:
+    """The one-sentence error for an output folder Hydra could not create (a file in the way, a
+    name too long, a read-only place), or None for any other OSError."""
+    if err.filename is None:
+        return None
+    failed = os.path.abspath(str(err.filename))
+    # the folders given on the command line, and the defaults' roots (configs/hydra/default.yaml)
+    folders = [arg.split("=", 1)[1] for arg in sys.argv[1:]
+               if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir="))] + ["outputs", "multirun"]
+    if not any(os.path.abspath(folder).startswith(failed) for folder in folders):
+        return None
+    return (f"cannot create the output folder {err.filename} ({err.strerror}); set hydra.run.dir "
+            "(hydra.sweep.dir for a sweep) to a folder that can be created.")
+
+
+def raised_by_hydra(err: BaseException) -> bool:
+    """Whether ``err`` comes from Hydra's own code (its config loading), not from training."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}hydra{os.sep}" in frames[-1].filename
+
+
 def main() -> None:
     """Console entry point (``gmoe-train``)."""
     # Hydra composes the config onto the schema (gmoe_bench/config.py) and rejects what does not
@@ -276,6 +298,17 @@ def main() -> None:
         raise SystemExit(1) from None
     except (HydraException, OmegaConfBaseException) as err:
         print(f"gmoe-train: error: {config_error(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except OSError as err:
+        if (message := output_folder_error(err)) is None:
+            raise
+        print(f"gmoe-train: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except ValueError as err:  # e.g. 'trainer=null': a config group given no option
+        if not raised_by_hydra(err):
+            raise
+        print(f"gmoe-train: error: {err}. A config group (model=, trainer=, ...) takes one of its "
+              "options; gmoe-train --help lists them.", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("gmoe-train: interrupted. Finished seeds are in summary.json and the checkpoints; "

@@ -83,6 +83,25 @@ def test_bad_config_is_one_paragraph_and_exit_2(small_mirror: Path, tmp_path: Pa
     assert not (tmp_path / "data").exists()  # rejected before any data was touched
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("hydra.run.dir={file}",), "cannot create the output folder {file} (File exists); set "
+                                "hydra.run.dir (hydra.sweep.dir for a sweep) to a folder"),
+    (("-m", "hydra.sweep.dir={file}/sweep"), "cannot create the output folder {file}/sweep (Not a "
+                                             "directory)"),
+    (("trainer=null",), "Config group override must be a string or a list. Got NoneType. A "
+                        "config group (model=, trainer=, ...) takes one of its options"),
+])
+def test_unusable_output_folders_and_empty_groups_are_one_sentence(
+        small_mirror: Path, tmp_path: Path, overrides: tuple[str, ...], message: str) -> None:
+    file = tmp_path / "taken"
+    file.write_text("the user's")
+    proc = run_cli(*(o.format(file=file) for o in overrides), "seeds=[0]", cwd=tmp_path,
+                   mirror=small_mirror, data_root=tmp_path / "data")
+    assert proc.returncode == 2
+    assert f"gmoe-train: error: {message.format(file=file)}" in proc.stderr
+    assert "Traceback" not in proc.stderr and file.read_text() == "the user's"
+
+
 def test_cuda_without_a_gpu_is_a_config_error(small_mirror: Path, tmp_path: Path) -> None:
     proc = run_cli("trainer.device=cuda", "trainer.epochs=1", "seeds=[0]", cwd=tmp_path,
                    mirror=small_mirror, data_root=tmp_path / "data")

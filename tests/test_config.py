@@ -147,6 +147,15 @@ def test_gate_is_a_checked_choice_and_part_of_the_identity() -> None:
     assert config_identity(top_k) == config_identity(without) != config_identity(choice)
 
 
+@pytest.mark.parametrize(("key", "fix"), [
+    ("dataset.root", "which would write into the current folder; give a folder"),
+    ("trainer.checkpoint_dir", "which would write into the current folder; give a folder"),
+    ("dataset.mirror", "give a folder, or null for none")])
+def test_an_empty_path_is_refused(key: str, fix: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key} is empty; {fix}|{key} is empty, {fix}"):
+        validate(composed(f"{key}=''"))
+
+
 def test_expert_settings_of_a_plain_backbone_leave_it_the_same_run() -> None:
     plain = validate(composed())
     for overrides in (("moe.top_k=2",), ("moe.num_hop2=0", "moe.gate=dense")):
