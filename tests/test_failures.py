@@ -527,6 +527,20 @@ def test_reports_skip_unreadable_summaries_and_name_them(
     assert "fewer than two GMoE configurations" in capsys.readouterr().err
 
 
+def test_a_report_over_an_earlier_one_leaves_none_of_its_plots(local_copy: Path,
+                                                                 tmp_path: Path) -> None:
+    for name, overrides in (("plain", ()), ("gmoe", ("moe.num_experts=2", "moe.top_k=1"))):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        train(compose_run(tmp_path, local_copy.parent, "model.hidden_dim=16", *overrides),
+              tmp_path / "runs" / name)
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "routing.png").is_file()
+    assert report_main([str(tmp_path / "runs" / "plain"), "--out", str(tmp_path / "report")]) == 0
+    assert not (tmp_path / "report" / "routing.png").exists()
+    assert not (tmp_path / "report" / "routing_entropy.png").exists()
+    assert len(json.loads((tmp_path / "report" / "digest.json").read_text())) == 1
+
+
 def test_routing_names_a_corrupt_weights_file(local_copy: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     train(compose_run(tmp_path, local_copy.parent, "moe.num_experts=2", "moe.top_k=1",

@@ -123,6 +123,23 @@ def test_unreadable_checkpoint_starts_the_seed_over(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in tmp_path.glob("seed_0.pt.unusable-*")] == [b"truncated"]
 
 
+def test_a_checkpoint_without_its_best_weights_starts_the_seed_over(tmp_path: Path) -> None:
+    checkpoint = SeedCheckpoint(tmp_path, seed=0)
+    weights = {"w": torch.ones(2)}
+    state = {"model": weights, "optimizer": {}, "rng": {}, "records": [{"epoch": 1}],
+             "wall_seconds": 0.0}
+    checkpoint.save(state)
+    checkpoint.save_best_model(weights)
+    assert checkpoint.load(weights) is not None
+    checkpoint.best_model_path.write_bytes(b"x")  # the seed's best epoch would be lost
+    assert checkpoint.load(weights) is None
+    assert [p.read_bytes() for p in tmp_path.glob("seed_0.best.pt.unusable-*")] == [b"x"]
+    assert len(list(tmp_path.glob("seed_0.pt.unusable-*"))) == 1
+    checkpoint.save(state)  # and a missing one
+    assert checkpoint.load(weights) is None
+    assert len(list(tmp_path.glob("seed_0.pt.unusable-*"))) == 2
+
+
 @pytest.mark.parametrize("edit", [
     lambda r: r.update(test=0.5),  # not its best epoch's figure
     lambda r: r.update(test=float("nan")),

@@ -153,20 +153,32 @@ class SeedCheckpoint:
         """The last epoch's state, or None (no checkpoint, or an unusable one: start over).
 
         ``expected`` is the state dict of the model to restore: a checkpoint whose weights do not
-        have its names and shapes (another architecture) is set aside."""
+        have its names and shapes (another architecture) is set aside, and so is one whose best
+        epoch's weights (``seed_S.best.pt``, rewritten only when validation improves) cannot be
+        loaded: the finished seed would lack them."""
         if not self.state_path.is_file():
             return None
+        shapes = {k: tuple(v.shape) for k, v in expected.items()}
         try:
             state = torch.load(self.state_path, map_location="cpu")
             missing = [k for k in STATE_KEYS if k not in state]
             if missing:
                 raise ValueError(f"it lacks {', '.join(missing)}")
-            shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
-            if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+            if {k: tuple(v.shape) for k, v in state["model"].items()} != shapes:
                 raise ValueError("its weights are those of another architecture")
         except Exception as err:  # a checkpoint we cannot use only costs the epochs it held
             set_aside(self.state_path, str(err))
             return None
+        if state["records"]:
+            try:
+                best = torch.load(self.best_model_path, map_location="cpu")
+                if {k: tuple(v.shape) for k, v in best.items()} != shapes:
+                    raise ValueError("its weights are those of another architecture")
+            except Exception as err:
+                if self.best_model_path.is_file():
+                    set_aside(self.best_model_path, str(err))
+                set_aside(self.state_path, f"its best epoch's weights cannot be loaded ({err})")
+                return None
         return state
 
     def save(self, state: dict[str, Any]) -> None:

@@ -36,6 +36,8 @@ from gmoe_bench.reports.table import (
     write_csv,
 )
 
+log = logging.getLogger(__name__)
+
 
 def dirs_exist(prog: str, dirs: list[Path], hint: str = "") -> bool:
     """False, after saying which, when one of the folders given on the command line is missing."""
@@ -97,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(results, args.out / "table.csv")
     metric_per_config(results, args.out / "metric.png")
     validation_curves(results, args.out / "valid_curves.png")
-    routing_heatmaps(results, args.out / "routing.png")
-    entropy_curves(results, args.out / "routing_entropy.png")
+    for plot, path in ((routing_heatmaps, args.out / "routing.png"),
+                       (entropy_curves, args.out / "routing_entropy.png")):
+        if not plot(results, path) and path.is_file():
+            # an earlier report's plot would sit beside this report's tables as if it were theirs
+            path.unlink()
+            log.info("Removed %s of an earlier report: these runs have no routing to plot.", path)
     print(table, end="")
     print(f"{len(results)} configurations, written to {args.out}")
     return 0
