@@ -73,6 +73,17 @@ def test_grid_to_report(small_mirror: Path, tmp_path: Path) -> None:
         assert (report / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_bad_job_fails_the_sweep_before_any_job_runs(small_mirror: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    proc = run_cli("-m", f"hydra.sweep.dir={out}", "moe=gmoe", "moe.num_experts=2",
+                   "moe.num_hop2=1", "moe.top_k=1,3", "seeds=[0]", "logger=none", *SMALL, cwd=tmp_path,
+                   mirror=small_mirror, data_root=tmp_path / "data")
+    assert proc.returncode == 2
+    assert "gmoe-train: error: in the sweep job '" in proc.stderr and " moe.top_k=3 " in proc.stderr
+    assert "': moe.top_k=3 must be between 1 and moe.num_experts=2. No job was run." in proc.stderr
+    assert not out.exists() and not (tmp_path / "data").exists()
+
+
 def test_seeds_spread_over_jobs_are_merged(small_mirror: Path, tmp_path: Path) -> None:
     # a '..' in an override once cancelled the job number in the folder name: jobs overwrote each other
     out = sweep(tmp_path, small_mirror, "model=gcn,gin", "seeds=[0],[1]", "logger=none",
