@@ -78,19 +78,27 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def seed_record_problem(record: Any) -> str | None:
+def seed_record_problem(record: Any, needs_epochs: bool = True) -> str | None:
     """Why a stored seed result (``seed_S.json``, a summary's seed, a digest's seed rebuilt) cannot
-    be reported, or None: it needs an integer seed, epoch records with finite figures, a best epoch
-    among them, and finite valid and test figures that are that epoch's (to 4 decimals, as a
-    digest's curves keep them)."""
+    be reported, or None: it needs an integer seed and finite valid and test figures; and its epoch
+    records (which a report may do without: ``needs_epochs=False``) need finite figures, a best
+    epoch among them, and the valid and test figures of that epoch (to 4 decimals, as a digest's
+    curves keep them)."""
     if not isinstance(record, dict):
         return "it is not a JSON object"
-    missing = [k for k in ("seed", "best_epoch", "valid", "test", "epochs") if k not in record]
+    needed = ("seed", "valid", "test", *(("best_epoch", "epochs") if needs_epochs else ()))
+    missing = [k for k in needed if k not in record]
     if missing:
         return f"it lacks {', '.join(missing)}"
-    seed, best, epochs = record["seed"], record["best_epoch"], record["epochs"]
+    seed = record["seed"]
     if not isinstance(seed, int) or isinstance(seed, bool):
         return f"its seed {seed!r} is not an integer"
+    for split in ("valid", "test"):
+        if not _is_number(record[split]):
+            return f"its {split} figure {record[split]!r} is not a finite number"
+    if "epochs" not in record:
+        return None
+    best, epochs = record.get("best_epoch"), record["epochs"]
     if not isinstance(epochs, list) or not epochs or not all(
             isinstance(e, dict) and _is_number(e.get("valid")) and _is_number(e.get("test"))
             for e in epochs):
@@ -102,11 +110,9 @@ def seed_record_problem(record: Any) -> str | None:
             isinstance(layer, list) and all(map(_is_number, layer)) for layer in routing):
         return "its routing shares are not lists of numbers"
     for split in ("valid", "test"):
-        value = record[split]
-        if not _is_number(value):
-            return f"its {split} figure {value!r} is not a finite number"
-        if abs(value - epochs[best - 1][split]) > 1e-4:
-            return f"its {split} figure {value} is not its best epoch's ({epochs[best - 1][split]})"
+        if abs(record[split] - epochs[best - 1][split]) > 1e-4:
+            return (f"its {split} figure {record[split]} is not its best epoch's "
+                    f"({epochs[best - 1][split]})")
     return None
 
 

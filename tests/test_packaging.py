@@ -71,7 +71,8 @@ def test_report_and_select_run_without_torch_or_git(tmp_path: Path, small_mirror
         config = OmegaConf.to_container(compose_cfg(tmp_path, small_mirror, *overrides), resolve=True)
         seeds = [SeedResult(seed, best_epoch=1, valid=valid, test=0.7 + seed / 100,
                             wall_seconds=1.0, num_parameters=10, commit=None,
-                            epochs=[EpochRecord(1, 0.5, 0.0, 0.8, 0.7, 1.0, 10.0, 0)]).to_dict()
+                            epochs=[EpochRecord(1, 0.5, 0.0, valid, 0.7 + seed / 100, 1.0, 10.0,
+                                                0)]).to_dict()
                  for seed in (0, 1)]
         (tmp_path / "runs" / name).mkdir(parents=True)
         write_json_atomic(tmp_path / "runs" / name / SUMMARY_FILE, {
