@@ -307,11 +307,6 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
         _require(0 <= moe.num_hop2 <= moe.num_experts,
                  f"moe.num_hop2={moe.num_hop2} (hop-2 experts) must be between 0 and "
                  f"moe.num_experts={moe.num_experts}.")
-    for dotted, path in (("dataset.root", d.root), ("trainer.checkpoint_dir", t.checkpoint_dir)):
-        _require(path.strip() != "", f"{dotted} is empty, which would write into the current "
-                 "folder; give a folder.")
-    _require(d.mirror is None or d.mirror.strip() != "",
-             "dataset.mirror is empty; give a folder, or null for none.")
     _require(len(typed.seeds) > 0, "seeds is empty; give at least one, e.g. seeds=[0,1,2].")
     _require(len(set(typed.seeds)) == len(typed.seeds),
              f"seeds={typed.seeds} has duplicates; list each seed once.")
@@ -329,6 +324,16 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
                  "trainer.cuda_graphs=true cannot run moe.gate=expert_choice (its capacity "
                  "follows each batch's atom count); use moe.gate=top_k or dense.")
     return typed
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The folders a run about to start writes to are given (a stored config is not checked: these
+    are execution details, and an empty ``dataset.mirror`` means none, as an exported empty
+    ``GMOE_DATA_MIRROR`` gives it)."""
+    for dotted, path in (("dataset.root", cfg.dataset.root),
+                         ("trainer.checkpoint_dir", cfg.trainer.checkpoint_dir)):
+        _require(path.strip() != "", f"{dotted} is empty, which would write into the current "
+                 "folder; give a folder.")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -78,16 +78,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def seed_record_problem(record: Any, needs_epochs: bool = True) -> str | None:
+def seed_record_problem(record: Any) -> str | None:
     """Why a stored seed result (``seed_S.json``, a summary's seed, a digest's seed rebuilt) cannot
-    be reported, or None: it needs an integer seed and finite valid and test figures; and its epoch
-    records (which a report may do without: ``needs_epochs=False``) need finite figures, a best
-    epoch among them, and the valid and test figures of that epoch (to 4 decimals, as a digest's
-    curves keep them)."""
+    be reported, or None: it needs an integer seed, finite valid and test figures, and epoch records
+    with finite figures, a best epoch among them whose valid and test figures are the seed's (to 4
+    decimals, as a digest's curves keep them)."""
     if not isinstance(record, dict):
         return "it is not a JSON object"
-    needed = ("seed", "valid", "test", *(("best_epoch", "epochs") if needs_epochs else ()))
-    missing = [k for k in needed if k not in record]
+    missing = [k for k in ("seed", "valid", "test", "best_epoch", "epochs") if k not in record]
     if missing:
         return f"it lacks {', '.join(missing)}"
     seed = record["seed"]
@@ -96,9 +94,7 @@ def seed_record_problem(record: Any, needs_epochs: bool = True) -> str | None:
     for split in ("valid", "test"):
         if not _is_number(record[split]):
             return f"its {split} figure {record[split]!r} is not a finite number"
-    if "epochs" not in record:
-        return None
-    best, epochs = record.get("best_epoch"), record["epochs"]
+    best, epochs = record["best_epoch"], record["epochs"]
     if not isinstance(epochs, list) or not epochs or not all(
             isinstance(e, dict) and _is_number(e.get("valid")) and _is_number(e.get("test"))
             for e in epochs):

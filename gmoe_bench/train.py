@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gmoe_bench import output_dirs
@@ -30,6 +30,7 @@ from gmoe_bench.config import (
     CONFIG_DIR,
     TrainConfig,
     as_dict,
+    check_paths,
     config_error,
     config_identity,
     describe,
@@ -157,6 +158,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     the others go on, and TrainingError is raised at the end.
     """
     typed = validate(cfg)
+    check_paths(typed)
     ignored = ignored_expert_keys(typed)
     if ignored:
         log.warning("%s: no effect with moe.num_experts=0 (the plain backbone); this is the "
@@ -263,13 +265,22 @@ class CheckSweepJobs(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
             return
-        params = [f"{key}={value}" for key, value in (config.hydra.sweeper.params or {}).items()]
-        arguments = params + list(config.hydra.overrides.task)
+        # unresolved, as the sweeper reads them (a value may name ${hydra:job.num})
+        grid = config.hydra.sweeper.params
+        params = OmegaConf.to_container(grid, resolve=False) if grid else {}
+        arguments = [f"{key}={value}" for key, value in params.items()] + OmegaConf.to_container(
+            config.hydra.overrides.task, resolve=False)
         loader = GlobalHydra.instance().config_loader()
-        overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
-        for jobs in BasicSweeper.split_arguments(overrides, None):
-            for job in jobs:
+        hydra_config = HydraConfig.instance()
+        earlier = hydra_config.cfg
+        try:
+            overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+            jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+            for num, job in enumerate(jobs):
                 composed = loader.load_sweep_config(master_config=config, sweep_overrides=list(job))
+                with open_dict(composed):  # as the launcher sets them: ${hydra:job.num} resolves
+                    composed.hydra.job.id = composed.hydra.job.num = num
+                hydra_config.set_config(composed)
                 task = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
                 try:
                     validate(task)
@@ -278,6 +289,10 @@ class CheckSweepJobs(Callback):
                     print(f"gmoe-train: error: in the sweep job '{' '.join(job)}': {err} No job "
                           "was run.", file=sys.stderr, flush=True)
                     raise SystemExit(2) from None
+        except (HydraException, OmegaConfBaseException):
+            return  # a job that does not compose: Hydra's own check before the launch says which
+        finally:
+            hydra_config.cfg = earlier
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"

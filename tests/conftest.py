@@ -57,6 +57,12 @@ def small_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return mirror
 
 
+def seed_record(seed: int, valid: float, test: float) -> dict:
+    """A finished seed as summary.json holds it, trained for one epoch."""
+    return {"seed": seed, "best_epoch": 1, "valid": valid, "test": test,
+            "epochs": [{"epoch": 1, "valid": valid, "test": test, "routing": []}]}
+
+
 def cli_env(mirror: Path | None, data_root: Path) -> dict[str, str]:
     """The environment of a gmoe-train run in a test: the given mirror (or none) and data root."""
     env = {k: v for k, v in os.environ.items() if k != "GMOE_DATA_MIRROR"}

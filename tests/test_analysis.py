@@ -32,6 +32,7 @@ from gmoe_bench.reports.table import (
     routing_entropy,
 )
 from gmoe_bench.train import train
+from tests.conftest import seed_record
 from tests.test_robustness import compose_cfg
 
 GMOE = ("moe=gmoe", "moe.num_experts=4", "moe.num_hop2=2", "moe.top_k=2", "model.hidden_dim=32",
@@ -184,7 +185,7 @@ def write_summary(folder: Path, backbone: str, moe: dict, valid: float,
     config = config or {"model": {"backbone": backbone}, "moe": moe,
                         "dataset": {"name": "ogbg-molbbbp"}}
     summary = {"dataset": "ogbg-molbbbp", "model": backbone, "metric": "rocauc", "config": config,
-               "provenance": {}, "seeds": [{"seed": 0, "valid": valid, "test": 0.7}]}
+               "provenance": {}, "seeds": [seed_record(0, valid, 0.7)]}
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(summary))
 
@@ -257,7 +258,7 @@ def test_suite_search_selects_lowest_rmse_and_reruns_at_the_paper_protocol(
             f"experts={experts}"), resolve=True)
         summary = {"dataset": "ogbg-molfreesolv", "model": "gcn", "metric": "rmse",
                    "config": config, "provenance": {},
-                   "seeds": [{"seed": 0, "valid": rmse, "test": rmse}]}
+                   "seeds": [seed_record(0, rmse, rmse)]}
         (search / experts).mkdir(parents=True)
         (search / experts / "summary.json").write_text(json.dumps(summary))
     assert select_main([str(search), "--backbone", "gcn"]) == 0

@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from gmoe_bench.analysis.structure_gain import main
+from tests.conftest import seed_record
 from tests.test_robustness import compose_cfg
 
 # dataset: (metric, heterogeneity, backbone test per seed, GMoE test per seed)
@@ -25,7 +26,7 @@ def write_run(folder: Path, config: dict, metric: str, tests: list[float], valid
     folder.mkdir(parents=True)
     summary = {"dataset": config["dataset"]["name"], "model": config["model"]["backbone"],
                "metric": metric, "config": config, "provenance": {},
-               "seeds": [{"seed": s, "valid": valid, "test": t} for s, t in enumerate(tests)]}
+               "seeds": [seed_record(s, valid, t) for s, t in enumerate(tests)]}
     (folder / "summary.json").write_text(json.dumps(summary))
 
 

@@ -76,7 +76,9 @@ def test_grid_to_report(small_mirror: Path, tmp_path: Path) -> None:
 def test_a_bad_job_fails_the_sweep_before_any_job_runs(small_mirror: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     proc = run_cli("-m", f"hydra.sweep.dir={out}", "moe=gmoe", "moe.num_experts=2",
-                   "moe.num_hop2=1", "moe.top_k=1,3", "seeds=[0]", "logger=none", *SMALL, cwd=tmp_path,
+                   "moe.num_hop2=1", "moe.top_k=1,3", "seeds=[0]", "logger=none", *SMALL,
+                   # resolved per job, as the launcher resolves it
+                   f"trainer.checkpoint_dir={tmp_path}/ckpt/${{hydra:job.num}}", cwd=tmp_path,
                    mirror=small_mirror, data_root=tmp_path / "data")
     assert proc.returncode == 2
     assert "gmoe-train: error: in the sweep job '" in proc.stderr and " moe.top_k=3 " in proc.stderr

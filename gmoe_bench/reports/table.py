@@ -87,7 +87,7 @@ def _check_entry(summary: dict[str, Any]) -> None:
         raise ValueError(f"its metric {summary['metric']!r} is not one of OGB's "
                          f"({', '.join(sorted(METRICS))})")
     for seed in summary["seeds"]:
-        if problem := seed_record_problem(seed, needs_epochs=False):
+        if problem := seed_record_problem(seed):
             raise ValueError(f"a seed's result is unusable: {problem}")
 
 
