@@ -74,6 +74,10 @@ class SeedResult:
         return asdict(self)
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -89,7 +93,7 @@ def seed_record_problem(record: Any) -> str | None:
     if missing:
         return f"it lacks {', '.join(missing)}"
     seed = record["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not _is_integer(seed):
         return f"its seed {seed!r} is not an integer"
     for split in ("valid", "test"):
         if not _is_number(record[split]):
@@ -99,7 +103,7 @@ def seed_record_problem(record: Any) -> str | None:
             isinstance(e, dict) and _is_number(e.get("valid")) and _is_number(e.get("test"))
             for e in epochs):
         return "its epoch records are missing or hold non-numbers"
-    if not isinstance(best, int) or isinstance(best, bool) or not 1 <= best <= len(epochs):
+    if not _is_integer(best) or not 1 <= best <= len(epochs):
         return f"its best epoch {best!r} is not one of its {len(epochs)} epochs"
     routing = epochs[best - 1].get("routing", [])
     if not isinstance(routing, list) or not all(

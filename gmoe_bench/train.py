@@ -272,11 +272,11 @@ def output_folder_error(err: OSError) -> str | None:
     name too long, a read-only place), or None for any other OSError."""
     if err.filename is None:
         return None
-    failed = os.path.abspath(str(err.filename))
+    failed = Path(os.path.abspath(str(err.filename)))
     # the folders given on the command line, and the defaults' roots (configs/hydra/default.yaml)
     folders = [arg.split("=", 1)[1] for arg in sys.argv[1:]
                if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir="))] + ["outputs", "multirun"]
-    if not any(os.path.abspath(folder).startswith(failed) for folder in folders):
+    if not any(Path(os.path.abspath(folder)).is_relative_to(failed) for folder in folders):
         return None
     return (f"cannot create the output folder {err.filename} ({err.strerror}); set hydra.run.dir "
             "(hydra.sweep.dir for a sweep) to a folder that can be created.")

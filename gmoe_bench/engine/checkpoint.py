@@ -158,13 +158,13 @@ class SeedCheckpoint:
         loaded: the finished seed would lack them."""
         if not self.state_path.is_file():
             return None
-        shapes = {k: tuple(v.shape) for k, v in expected.items()}
+        shapes = _shapes(expected)
         try:
             state = torch.load(self.state_path, map_location="cpu")
             missing = [k for k in STATE_KEYS if k not in state]
             if missing:
                 raise ValueError(f"it lacks {', '.join(missing)}")
-            if {k: tuple(v.shape) for k, v in state["model"].items()} != shapes:
+            if _shapes(state["model"]) != shapes:
                 raise ValueError("its weights are those of another architecture")
         except Exception as err:  # a checkpoint we cannot use only costs the epochs it held
             set_aside(self.state_path, str(err))
@@ -172,7 +172,7 @@ class SeedCheckpoint:
         if state["records"]:
             try:
                 best = torch.load(self.best_model_path, map_location="cpu")
-                if {k: tuple(v.shape) for k, v in best.items()} != shapes:
+                if _shapes(best) != shapes:
                     raise ValueError("its weights are those of another architecture")
             except Exception as err:
                 if self.best_model_path.is_file():
@@ -195,6 +195,10 @@ class SeedCheckpoint:
         except OSError as err:
             raise _write_error(self.result_path, err) from err
         self.state_path.unlink(missing_ok=True)
+
+
+def _shapes(weights: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in weights.items()}
 
 
 def _write_error(path: Path, err: OSError) -> TrainingError:
