@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
-from gmoe_bench import output_dirs
+from gmoe_bench import entry, output_dirs
 from gmoe_bench import train as train_module
 from gmoe_bench.analysis.routing import main as routing_main
 from gmoe_bench.config import (
@@ -46,7 +47,7 @@ from gmoe_bench.reports.table import collect
 from gmoe_bench.tracking.wandb_logger import WandbLogger
 from gmoe_bench.train import SweepJobError, default_threads, train
 from gmoe_bench.train import main as train_main
-from tests.conftest import small_molecules
+from tests.conftest import REPO, small_molecules
 from tests.test_data import dataset_cfg
 
 N = len(small_molecules())
@@ -587,6 +588,57 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
     assert run_main(monkeypatch, "seeds=[0]") == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "re-run the same command" in err and "Traceback" not in err
+
+
+class _InterruptImport:
+    """A meta-path finder that answers a Ctrl-C while ``name`` is being imported."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == self.name:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("command", "module", "prog"), [
+    (entry.train, "gmoe_bench.train", "gmoe-train"),
+    (entry.report, "gmoe_bench.reports.cli", "gmoe-report"),
+    (entry.select, "gmoe_bench.reports.cli", "gmoe-select"),
+    (entry.routing, "gmoe_bench.analysis.routing", "gmoe-routing"),
+    (entry.heterogeneity, "gmoe_bench.analysis.heterogeneity", "gmoe-heterogeneity"),
+    (entry.structure_gain, "gmoe_bench.analysis.structure_gain", "gmoe-structure-gain"),
+])
+def test_ctrl_c_while_a_command_imports_is_one_line_and_exit_130(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, command, module: str,
+        prog: str) -> None:
+    monkeypatch.delitem(sys.modules, module, raising=False)  # restored after the test
+    monkeypatch.setattr(sys, "meta_path", [_InterruptImport(module), *sys.meta_path])
+    with pytest.raises(SystemExit) as exit_:
+        command()
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: interrupted; ") and err.count("\n") == 1
+
+
+def test_a_real_sigint_while_torch_imports_is_one_line(tmp_path: Path) -> None:
+    """The console script's own path: SIGINT delivered to a fresh process inside ``import torch``."""
+    child = """
+import os, signal, sys
+class SigintAtTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, SigintAtTorch())
+sys.argv = ["gmoe-train", "--help"]
+from gmoe_bench.entry import train
+train()
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == ("gmoe-train: interrupted; it had not started, so nothing was "
+                           "written.\n")
 
 
 def test_a_failed_sweep_job_is_one_line_not_a_traceback(tmp_path: Path,
