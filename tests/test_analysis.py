@@ -159,7 +159,8 @@ def test_comparison_with_the_paper() -> None:
                         result("gcn", 0, [0.7], valid=0.99), result("gcn", 8, [0.7], valid=0.99)])
     # GIN: two GMoE candidates; GCN: one GMoE configuration is no choice, the plain one no candidate
     assert chosen.count("gmoe-train") == 1
-    assert "(validation 95.00 ± 0.00, 1 seed); to run it with the paper's 10 seeds:" in chosen
+    assert ("(validation 95.00 ± 0.00, 1 seed; lead over gin +4.00 on validation, no interval (a "
+            "single seed, or no spread)); to run it with the paper's 10 seeds:") in chosen
     # the keys in which the chosen config differs from paper_selected's (λ=1 is its own)
     assert ("`gmoe-train +experiment=paper_selected model.backbone=gin moe.num_experts=4 "
             "moe.num_hop2=2 moe.top_k=2`") in chosen
@@ -167,7 +168,8 @@ def test_comparison_with_the_paper() -> None:
     complete = selection([result("gin", 8, [0.6] * 10, valid=0.91), result("gin", 4, [0.7] * 10,
                                                                            valid=0.95)])
     assert "gmoe-train" not in complete
-    assert "(validation 95.00 ± 0.00, 10 seeds), already run with the paper's 10 seeds" in complete
+    assert ("(validation 95.00 ± 0.00, 10 seeds; lead over gin +4.00 on validation, no interval (a "
+            "single seed, or no spread)), already run with the paper's 10 seeds") in complete
 
 
 def test_plain_rows_are_named_by_backbone_only(tmp_path: Path) -> None:
@@ -276,3 +278,55 @@ def test_gmoe_select_refuses_an_unknown_backbone(tmp_path: Path,
         select_main([str(tmp_path), "--backbone", "GCN"])
     assert exit_info.value.code == 2
     assert "argument --backbone: invalid choice: 'GCN' (choose from" in capsys.readouterr().err
+
+
+def test_gmoe_select_says_how_far_its_choice_leads_and_warns_of_an_unfinished_search(
+        tmp_path: Path, small_mirror: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On stderr (stdout stays the overrides): the candidates best first, the chosen one's lead over
+    the runner-up with Welch's interval and its verdict, and a warning when seed counts differ."""
+    def search(name: str, metric: str, valids: dict[str, list[float]]) -> Path:
+        folder = tmp_path / name
+        for experts, values in valids.items():
+            config = OmegaConf.to_container(compose_cfg(
+                tmp_path, small_mirror, "+experiment=suite_search", f"experts={experts}"),
+                resolve=True)
+            summary = {"dataset": "ogbg-molbbbp", "model": "gcn", "metric": metric,
+                       "config": config, "provenance": {},
+                       "seeds": [seed_record(s, v, v) for s, v in enumerate(values)]}
+            (folder / experts).mkdir(parents=True)
+            (folder / experts / "summary.json").write_text(json.dumps(summary))
+        return folder
+
+    def select(folder: Path) -> list[str]:
+        assert select_main([str(folder), "--backbone", "gcn"]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.endswith("trainer.epochs=30\n") and "gmoe-select" not in captured.out
+        return captured.err.splitlines()
+
+    clear = select(search("clear", "rocauc", {"n8_hop1": [0.80, 0.81, 0.82],
+                                              "n8_half": [0.90, 0.91, 0.92],
+                                              "n8_hop2": [0.70, 0.72, 0.74]}))
+    assert clear[0] == ("gmoe-select: ogbg-molbbbp GMoE-GCN, mean validation rocauc × 100 ± std "
+                        "over seeds, the chosen first:")
+    assert [line.split()[0] for line in clear[1:4]] == ["91.00", "81.00", "72.00"]
+    assert "hop2=4" in clear[1] and "3 seeds" in clear[1]
+    assert clear[4].startswith("gmoe-select: lead over ") and "+10.00 on validation" in clear[4]
+    assert clear[4].endswith("beyond noise.") and len(clear) == 5  # seed counts agree: no warning
+
+    close = select(search("close", "rocauc", {"n8_hop1": [0.90, 0.92, 0.94],
+                                              "n8_half": [0.89, 0.93, 0.91]}))
+    assert "+1.00 on validation" in close[3] and "within noise" in close[3]
+
+    # an unfinished search: the one-seed candidate ranks second, and no interval can be drawn
+    unfinished = select(search("unfinished", "rocauc", {"n8_hop1": [0.80, 0.81, 0.82],
+                                                        "n8_half": [0.90, 0.91, 0.92],
+                                                        "n8_hop2": [0.85]}))
+    assert "1 seed " in unfinished[2] + " " and "no interval" in unfinished[4]
+    assert unfinished[5] == ("gmoe-select: warning: the candidates have 1 to 3 finished seeds: the "
+                             "search is unfinished (re-running its command resumes it), so the "
+                             "choice may change.")
+
+    # RMSE: the lowest wins, and its lead is counted positive
+    rmse = select(search("rmse", "rmse", {"n8_hop1": [1.5, 1.6, 1.7], "n8_half": [1.0, 1.1, 1.2]}))
+    assert "mean validation rmse ± std" in rmse[0]
+    assert rmse[1].split()[0] == "1.10" and "+0.50 on validation" in rmse[3]

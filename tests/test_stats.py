@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gmoe_bench.reports.cli import main as report_main
@@ -55,6 +56,11 @@ def test_difference_interval_is_welch() -> None:
     assert clear.excludes_zero and clear.low > 0
     assert not difference_interval([0.7], [0.6, 0.65]).defined
     assert not difference_interval([0.7, 0.7], [0.6, 0.6]).defined
+    # ten equal seeds: a float mean of 0.95 × 10 is not 0.95, so their std is not exactly 0; no
+    # spread is still no interval (not a zero-width one that "excludes zero")
+    assert np.std([0.95] * 10) > 0
+    assert not difference_interval([0.95] * 10, [0.91] * 10).defined
+    assert mean_interval([0.95] * 10).contains(0.95)
 
 
 def test_gmoe_rows_are_compared_with_their_backbone_under_the_same_semantics(tmp_path: Path) -> None:

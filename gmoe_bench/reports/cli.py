@@ -12,11 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
+from gmoe_bench.records import display_scale
 from gmoe_bench.reports.paper import (
-    best_per_backbone,
+    candidates_per_backbone,
     comparison_table,
+    lead_over_runner_up,
     selected_overrides,
     selection,
+    unequal_seeds,
 )
 from gmoe_bench.reports.plots import (
     entropy_curves,
@@ -125,7 +128,7 @@ def select_main(argv: list[str] | None = None) -> int:
     if not dirs_exist("gmoe-select", args.dirs, " Run the search first (make reproduce-molbbbp runs "
                       "it before selecting)."):
         return 2
-    chosen = {key: r for key, r in best_per_backbone(collect(args.dirs)).items()
+    chosen = {key: ranked for key, ranked in candidates_per_backbone(collect(args.dirs)).items()
               if key[1] == args.backbone and args.dataset in (None, key[0])}
     if len(chosen) != 1:
         problem = ("several datasets; pass --dataset" if chosen else
@@ -134,7 +137,19 @@ def select_main(argv: list[str] | None = None) -> int:
         print(f"gmoe-select: error: the runs under {', '.join(map(str, args.dirs))} hold, for "
               f"backbone '{args.backbone}', {problem}.", file=sys.stderr)
         return 2
-    print(selected_overrides(next(iter(chosen.values()))))
+    (dataset, _), ranked = next(iter(chosen.items()))
+    print(selected_overrides(ranked[0]))
+    # why, on stderr: stdout stays the overrides alone, for $(gmoe-select ...)
+    scale, metric = display_scale(ranked[0].metric), ranked[0].metric
+    print(f"gmoe-select: {dataset} GMoE-{args.backbone.upper()}, mean validation {metric}"
+          f"{' × 100' if scale != 1 else ''} ± std over seeds, the chosen first:", file=sys.stderr)
+    for r in ranked:
+        mean, std = (v * scale for v in r.mean_std("valid"))
+        print(f"  {mean:.2f} ± {std:.2f}  {len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}  {r.label}",
+              file=sys.stderr)
+    print(f"gmoe-select: {lead_over_runner_up(ranked)}.", file=sys.stderr)
+    if warning := unequal_seeds(ranked):
+        print(f"gmoe-select: warning: {warning}.", file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,7 @@ from gmoe_bench import output_dirs
 from gmoe_bench.config import CONFIG_DIR, as_dict, is_execution_key, validate
 from gmoe_bench.records import display_scale, flatten, higher_is_better
 from gmoe_bench.reports.paper_figures import PAPER_SEEDS, family, paper_figure
-from gmoe_bench.reports.stats import LEVEL
+from gmoe_bench.reports.stats import LEVEL, difference_interval
 from gmoe_bench.reports.table import ConfigResult
 
 
@@ -41,21 +41,58 @@ def comparison_table(results: list[ConfigResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def best_on_validation(results: list[ConfigResult]) -> ConfigResult:
-    """The result with the best mean validation metric (the highest, or the lowest for errors such
-    as RMSE): the paper's model selection."""
-    pick = max if higher_is_better(results[0].metric) else min
-    return pick(results, key=lambda r: r.mean_std("valid")[0])
+def candidates_per_backbone(results: list[ConfigResult]) -> dict[tuple[str, str], list[ConfigResult]]:
+    """Per (dataset, backbone) with at least two GMoE configurations to choose from, those
+    configurations, the best on validation first."""
+    candidates: dict[tuple[str, str], list[ConfigResult]] = {}
+    for r in results:
+        if r.is_gmoe:
+            candidates.setdefault((r.dataset, r.config["model"]["backbone"]), []).append(r)
+    return {key: ranked_on_validation(rs) for key, rs in candidates.items() if len(rs) > 1}
 
 
 def best_per_backbone(results: list[ConfigResult]) -> dict[tuple[str, str], ConfigResult]:
     """Per (dataset, backbone) with at least two GMoE configurations to choose from, the one with
     the best mean validation metric."""
-    candidates: dict[tuple[str, str], list[ConfigResult]] = {}
-    for r in results:
-        if r.is_gmoe:
-            candidates.setdefault((r.dataset, r.config["model"]["backbone"]), []).append(r)
-    return {key: best_on_validation(rs) for key, rs in candidates.items() if len(rs) > 1}
+    return {key: rs[0] for key, rs in candidates_per_backbone(results).items()}
+
+
+def ranked_on_validation(results: list[ConfigResult]) -> list[ConfigResult]:
+    """Best mean validation metric first (the highest, or the lowest for errors such as RMSE)."""
+    return sorted(results, key=lambda r: r.mean_std("valid")[0],
+                  reverse=higher_is_better(results[0].metric))
+
+
+def best_on_validation(results: list[ConfigResult]) -> ConfigResult:
+    """The result with the best mean validation metric: the paper's model selection."""
+    return ranked_on_validation(results)[0]
+
+
+def lead_over_runner_up(ranked: list[ConfigResult]) -> str:
+    """How far the chosen configuration (``ranked[0]``) leads the next on validation, in the
+    metric's display units (> 0: better), with Welch's interval over seeds and what it says."""
+    chosen, runner_up = ranked[0], ranked[1]
+    sign = 1.0 if higher_is_better(chosen.metric) else -1.0
+    lead = difference_interval(sign * chosen.values("valid"),
+                               sign * runner_up.values("valid")).scaled(display_scale(chosen.metric))
+    if not lead.defined:
+        verdict = "no interval (a single seed, or no spread)"
+    elif lead.excludes_zero:
+        verdict = f"[{lead.low:+.2f}, {lead.high:+.2f}], beyond noise"
+    else:
+        verdict = (f"[{lead.low:+.2f}, {lead.high:+.2f}], within noise: the search does not "
+                   "separate them")
+    return f"lead over {runner_up.label} {lead.estimate:+.2f} on validation, {verdict}"
+
+
+def unequal_seeds(ranked: list[ConfigResult]) -> str | None:
+    """A warning when the candidates have different numbers of finished seeds (an unfinished
+    search compares means over different seeds), else None."""
+    counts = sorted({len(r.seeds) for r in ranked})
+    if len(counts) == 1:
+        return None
+    return (f"the candidates have {counts[0]} to {counts[-1]} finished seeds: the search is "
+            "unfinished (re-running its command resumes it), so the choice may change")
 
 
 # What the selected configuration is re-run with: the paper's 10 seeds (configs/experiment/).
@@ -94,12 +131,16 @@ def selection(results: list[ConfigResult]) -> str:
     """The configurations chosen by ``best_per_backbone``, with the command that runs them with the
     paper's 10 seeds where they have fewer."""
     lines = []
-    for (dataset, backbone), r in sorted(best_per_backbone(results).items()):
+    for (dataset, backbone), ranked in sorted(candidates_per_backbone(results).items()):
+        r = ranked[0]
         valid = r.mean_std("valid")
         seeds = f"{len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}"
         scale = display_scale(r.metric)
         lines.append(f"- {dataset} GMoE-{backbone.upper()}: {r.label} (validation "
-                     f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {seeds})")
+                     f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {seeds}; "
+                     f"{lead_over_runner_up(ranked)})")
+        if warning := unequal_seeds(ranked):
+            lines[-1] += f"; {warning}"
         if len(r.seeds) < PAPER_SEEDS:
             lines[-1] += f"; to run it with the paper's {PAPER_SEEDS} seeds:"
             lines.append(f"  `gmoe-train {SELECTED_EXPERIMENT} {selected_overrides(r)}`")

@@ -40,8 +40,8 @@ def mean_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
     x = np.asarray(values, dtype=float)
     if x.size < 2:
         return Interval(float(x.mean()), math.nan, math.nan)
-    if x.std() == 0:
-        return Interval(float(x.mean()), float(x.mean()), float(x.mean()))
+    if np.ptp(x) == 0:  # equal values (their float mean and std need not be exact)
+        return Interval(float(x[0]), float(x[0]), float(x[0]))
     ci = stats.ttest_1samp(x, 0.0).confidence_interval(level)
     return Interval(float(x.mean()), float(ci.low), float(ci.high))
 
@@ -51,7 +51,7 @@ def difference_interval(a: Sequence[float], b: Sequence[float], level: float = L
     degrees of freedom); NaN bounds when either side has a single seed or neither has spread."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     estimate = float(x.mean() - y.mean())
-    if x.size < 2 or y.size < 2 or (x.std() == 0 and y.std() == 0):
+    if x.size < 2 or y.size < 2 or (np.ptp(x) == 0 and np.ptp(y) == 0):
         return Interval(estimate, math.nan, math.nan)
     ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval(level)
     return Interval(estimate, float(ci.low), float(ci.high))
