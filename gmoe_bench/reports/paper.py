@@ -51,12 +51,6 @@ def candidates_per_backbone(results: list[ConfigResult]) -> dict[tuple[str, str]
     return {key: ranked_on_validation(rs) for key, rs in candidates.items() if len(rs) > 1}
 
 
-def best_per_backbone(results: list[ConfigResult]) -> dict[tuple[str, str], ConfigResult]:
-    """Per (dataset, backbone) with at least two GMoE configurations to choose from, the one with
-    the best mean validation metric."""
-    return {key: rs[0] for key, rs in candidates_per_backbone(results).items()}
-
-
 def ranked_on_validation(results: list[ConfigResult]) -> list[ConfigResult]:
     """Best mean validation metric first (the highest, or the lowest for errors such as RMSE)."""
     return sorted(results, key=lambda r: r.mean_std("valid")[0],
@@ -128,7 +122,8 @@ def selected_overrides(result: ConfigResult) -> str:
 
 
 def selection(results: list[ConfigResult]) -> str:
-    """The configurations chosen by ``best_per_backbone``, with the command that runs them with the
+    """The configurations chosen on validation (per dataset and backbone, the first of
+    :func:`candidates_per_backbone`), with the command that runs them with the
     paper's 10 seeds where they have fewer."""
     lines = []
     for (dataset, backbone), ranked in sorted(candidates_per_backbone(results).items()):
