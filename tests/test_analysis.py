@@ -141,7 +141,8 @@ def test_comparison_with_the_paper() -> None:
                  for i, t in enumerate(tests)]
         moe = {"num_experts": experts, "num_hop2": experts // 2, "top_k": 2, "loss_weight": 1.0}
         return ConfigResult("ogbg-molbbbp", backbone, "rocauc",
-                            {"model": {"backbone": backbone}, "moe": moe}, seeds, label=backbone)
+                            {"model": {"backbone": backbone}, "moe": moe,
+                             "trainer": {"epochs": 100}}, seeds, label=backbone)
 
     wide = result("gcn", 0, [0.70])
     wide.label = "hidden=440"
@@ -168,6 +169,15 @@ def test_comparison_with_the_paper() -> None:
     complete = selection([result("gin", 8, [0.6] * 10, valid=0.91), result("gin", 4, [0.7] * 10,
                                                                            valid=0.95)])
     assert "gmoe-train" not in complete
+    # a shortened search (suite_search's 30 epochs): the command runs the protocol's 100
+    short = [result("gin", 8, [0.6], valid=0.91), result("gin", 4, [0.7], valid=0.95)]
+    for r in short:
+        r.config["trainer"]["epochs"] = 30
+    shortened = selection(short)
+    assert ("; the search ran 30 epochs, so to run it at the paper's protocol (10 seeds × 100 "
+            "epochs):") in shortened
+    assert ("`gmoe-train +experiment=paper_selected model.backbone=gin moe.num_experts=4 "
+            "moe.num_hop2=2 moe.top_k=2`") in shortened  # paper_selected's own 100 epochs
     assert ("(validation 95.00 ± 0.00, 10 seeds; lead over gin +4.00 on validation, no interval (a "
             "single seed, or no spread)), already run with the paper's 10 seeds") in complete
 
@@ -311,7 +321,11 @@ def test_gmoe_select_says_how_far_its_choice_leads_and_warns_of_an_unfinished_se
     assert [line.split()[0] for line in clear[1:4]] == ["91.00", "81.00", "72.00"]
     assert "hop2=4" in clear[1] and "3 seeds" in clear[1]
     assert clear[4].startswith("gmoe-select: lead over ") and "+10.00 on validation" in clear[4]
-    assert clear[4].endswith("beyond noise.") and len(clear) == 5  # seed counts agree: no warning
+    assert clear[4].endswith("beyond noise.")
+    # seed counts agree: no warning; suite_search's 30 epochs: the note that keeps the protocol
+    assert clear[5:] == ["gmoe-select: note: the search ran 30 epochs and these overrides keep them; "
+                         "add trainer.epochs=100 after them for the paper's protocol (make "
+                         "reproduce-suite does)."]
 
     close = select(search("close", "rocauc", {"n8_hop1": [0.90, 0.92, 0.94],
                                               "n8_half": [0.89, 0.93, 0.91]}))

@@ -19,6 +19,7 @@ from gmoe_bench.reports.paper import (
     lead_over_runner_up,
     selected_overrides,
     selection,
+    shortened_search,
     unequal_seeds,
 )
 from gmoe_bench.reports.plots import (
@@ -150,6 +151,8 @@ def select_main(argv: list[str] | None = None) -> int:
     print(f"gmoe-select: {lead_over_runner_up(ranked)}.", file=sys.stderr)
     if warning := unequal_seeds(ranked):
         print(f"gmoe-select: warning: {warning}.", file=sys.stderr)
+    if note := shortened_search(ranked[0]):
+        print(f"gmoe-select: note: {note}.", file=sys.stderr)
     return 0
 
 

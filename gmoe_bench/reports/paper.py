@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from gmoe_bench import output_dirs
 from gmoe_bench.config import CONFIG_DIR, as_dict, is_execution_key, validate
 from gmoe_bench.records import display_scale, flatten, higher_is_better
-from gmoe_bench.reports.paper_figures import PAPER_SEEDS, family, paper_figure
+from gmoe_bench.reports.paper_figures import PAPER_EPOCHS, PAPER_SEEDS, family, paper_figure
 from gmoe_bench.reports.stats import LEVEL, difference_interval
 from gmoe_bench.reports.table import ConfigResult
 
@@ -79,6 +79,17 @@ def lead_over_runner_up(ranked: list[ConfigResult]) -> str:
     return f"lead over {runner_up.label} {lead.estimate:+.2f} on validation, {verdict}"
 
 
+def shortened_search(chosen: ConfigResult) -> str | None:
+    """A note when the chosen configuration ran fewer epochs than the paper's protocol (a shortened
+    search), whose overrides therefore carry that number, else None."""
+    epochs = chosen.config["trainer"]["epochs"]
+    if epochs >= PAPER_EPOCHS:
+        return None
+    return (f"the search ran {epochs} epochs and these overrides keep them; add "
+            f"trainer.epochs={PAPER_EPOCHS} after them for the paper's protocol (make "
+            "reproduce-suite does)")
+
+
 def unequal_seeds(ranked: list[ConfigResult]) -> str | None:
     """A warning when the candidates have different numbers of finished seeds (an unfinished
     search compares means over different seeds), else None."""
@@ -107,15 +118,18 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def selected_overrides(result: ConfigResult) -> str:
+def selected_overrides(result: ConfigResult, epochs: int | None = None) -> str:
     """The overrides that, after ``+experiment=paper_selected``, compose ``result``'s own config:
     every key whose value in the job differs from what that experiment composes to, so the command
     trains the same model (same config identity, so the search's finished seeds are reused), not a
-    rebuilt approximation. Execution keys (seeds, device, data folders, W&B) are left to the user."""
+    rebuilt approximation. Execution keys (seeds, device, data folders, W&B) are left to the user.
+    ``epochs``, when given, replaces the job's own (a shortened search re-run at the protocol)."""
     output_dirs.register()  # the resolvers the Hydra configs name
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = flatten(as_dict(validate(compose("train", overrides=[SELECTED_EXPERIMENT]))))
     own = flatten(as_dict(validate(result.config)))  # keys added since the run: their defaults
+    if epochs is not None:  # the same model trained for another number of epochs
+        own["trainer.epochs"] = epochs
     changed = [f"{key}={_override_value(value)}" for key, value in own.items()
                if base[key] != value and not is_execution_key(key)]
     return " ".join(shlex.quote(override) for override in changed)
@@ -136,7 +150,13 @@ def selection(results: list[ConfigResult]) -> str:
                      f"{lead_over_runner_up(ranked)})")
         if warning := unequal_seeds(ranked):
             lines[-1] += f"; {warning}"
-        if len(r.seeds) < PAPER_SEEDS:
+        epochs = r.config["trainer"]["epochs"]
+        if epochs < PAPER_EPOCHS:  # a shortened search (suite_search): re-run at the protocol
+            lines[-1] += (f"; the search ran {epochs} epochs, so to run it at the paper's "
+                          f"protocol ({PAPER_SEEDS} seeds × {PAPER_EPOCHS} epochs):")
+            lines.append(f"  `gmoe-train {SELECTED_EXPERIMENT} "
+                         f"{selected_overrides(r, epochs=PAPER_EPOCHS)}`")
+        elif len(r.seeds) < PAPER_SEEDS:
             lines[-1] += f"; to run it with the paper's {PAPER_SEEDS} seeds:"
             lines.append(f"  `gmoe-train {SELECTED_EXPERIMENT} {selected_overrides(r)}`")
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 PAPER_SEEDS = 10
+PAPER_EPOCHS = 100
 
 # (dataset, model family) -> (mean, std)
 PAPER = {
