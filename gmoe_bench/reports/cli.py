@@ -17,6 +17,7 @@ from gmoe_bench.reports.paper import (
     candidates_per_backbone,
     comparison_table,
     lead_over_runner_up,
+    seed_count,
     selected_overrides,
     selection,
     shortened_search,
@@ -146,8 +147,7 @@ def select_main(argv: list[str] | None = None) -> int:
           f"{' × 100' if scale != 1 else ''} ± std over seeds, the chosen first:", file=sys.stderr)
     for r in ranked:
         mean, std = (v * scale for v in r.mean_std("valid"))
-        print(f"  {mean:.2f} ± {std:.2f}  {len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}  {r.label}",
-              file=sys.stderr)
+        print(f"  {mean:.2f} ± {std:.2f}  {seed_count(r)}  {r.label}", file=sys.stderr)
     print(f"gmoe-select: {lead_over_runner_up(ranked)}.", file=sys.stderr)
     if warning := unequal_seeds(ranked):
         print(f"gmoe-select: warning: {warning}.", file=sys.stderr)

@@ -79,6 +79,11 @@ def lead_over_runner_up(ranked: list[ConfigResult]) -> str:
     return f"lead over {runner_up.label} {lead.estimate:+.2f} on validation, {verdict}"
 
 
+def seed_count(result: ConfigResult) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{len(result.seeds)} seed{'s' * (len(result.seeds) != 1)}"
+
+
 def shortened_search(chosen: ConfigResult) -> str | None:
     """A note when the chosen configuration ran fewer epochs than the paper's protocol (a shortened
     search), whose overrides therefore carry that number, else None."""
@@ -143,17 +148,15 @@ def selection(results: list[ConfigResult]) -> str:
     for (dataset, backbone), ranked in sorted(candidates_per_backbone(results).items()):
         r = ranked[0]
         valid = r.mean_std("valid")
-        seeds = f"{len(r.seeds)} seed{'s' * (len(r.seeds) != 1)}"
         scale = display_scale(r.metric)
         lines.append(f"- {dataset} GMoE-{backbone.upper()}: {r.label} (validation "
-                     f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {seeds}; "
+                     f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {seed_count(r)}; "
                      f"{lead_over_runner_up(ranked)})")
         if warning := unequal_seeds(ranked):
             lines[-1] += f"; {warning}"
-        epochs = r.config["trainer"]["epochs"]
-        if epochs < PAPER_EPOCHS:  # a shortened search (suite_search): re-run at the protocol
-            lines[-1] += (f"; the search ran {epochs} epochs, so to run it at the paper's "
-                          f"protocol ({PAPER_SEEDS} seeds × {PAPER_EPOCHS} epochs):")
+        if shortened_search(r):  # suite_search's 30 epochs: re-run at the protocol
+            lines[-1] += (f"; the search ran {r.config['trainer']['epochs']} epochs, so to run it "
+                          f"at the paper's protocol ({PAPER_SEEDS} seeds × {PAPER_EPOCHS} epochs):")
             lines.append(f"  `gmoe-train {SELECTED_EXPERIMENT} "
                          f"{selected_overrides(r, epochs=PAPER_EPOCHS)}`")
         elif len(r.seeds) < PAPER_SEEDS:
