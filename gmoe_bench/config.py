@@ -388,6 +388,14 @@ def ignored_expert_keys(config: TrainConfig) -> list[str]:
     return [f"{k}={values[k]}" for k in EXPERT_ONLY_KEYS if values[k] != defaults[k]]
 
 
+def computing_execution_keys(config: TrainConfig) -> frozenset[str]:
+    """The execution keys that change what this config computes, so belong to its identity:
+    expert choice fills each expert to a capacity that follows the batch, in evaluation too."""
+    if config.moe.enabled and config.moe.gate == Gate.expert_choice:
+        return frozenset({"trainer.eval_batch_size"})
+    return frozenset()
+
+
 def config_identity(config: TrainConfig | Mapping[str, Any], also_ignore: tuple[str, ...] = ()) -> str:
     """Short stable hash of what a config computes: its :data:`IDENTITY_V1` keys and any key added
     since that is not at its default (execution keys never; :data:`EXPERT_ONLY_KEYS` not for the
@@ -398,9 +406,7 @@ def config_identity(config: TrainConfig | Mapping[str, Any], also_ignore: tuple[
     values, defaults = flatten(as_dict(typed)), _defaults(type(typed))
     if not typed.moe.enabled:  # the plain backbone: the same run whatever its experts would be
         values |= {k: defaults[k] for k in EXPERT_ONLY_KEYS}
-    # expert choice fills each expert to a capacity that follows the batch, in evaluation too
-    computes = {"trainer.eval_batch_size"} if (
-        typed.moe.num_experts and typed.moe.gate == Gate.expert_choice) else set()
+    computes = computing_execution_keys(typed)
     canonical: dict[str, Any] = {}
     for dotted, value in values.items():
         if dotted in also_ignore or (is_execution_key(dotted) and dotted not in computes) or (

@@ -189,7 +189,7 @@ def test_plain_rows_are_named_by_backbone_only(tmp_path: Path) -> None:
     write_summary(tmp_path / "gmoe", "gcn", {"num_experts": 8, "num_hop2": 8, "top_k": 4,
                                              "loss_weight": 1.0}, valid=0.8)
     labels = sorted(r.label for r in collect([tmp_path]))
-    assert labels == ["gcn", "gcn λ=1 n=8 hop2=8 k=4", "gin"]
+    assert labels == ["gcn width=300", "gcn λ=1 n=8 hop2=8 k=4 width=150", "gin width=300"]
 
 def write_summary(folder: Path, backbone: str, moe: dict, valid: float,
                   config: dict | None = None) -> None:
@@ -238,6 +238,25 @@ def test_gmoe_select_prints_overrides_that_reproduce_the_chosen_job(
     assert select_main([str(search), "--backbone", "gin"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "nothing to choose from" in captured.err
+
+
+def test_gmoe_select_keeps_the_evaluation_batch_expert_choice_was_searched_with(
+        tmp_path: Path, small_mirror: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Expert choice's capacity follows the batch, in evaluation too: the chosen job's evaluation
+    batch is part of its model, so the printed command keeps it."""
+    search = tmp_path / "search"
+    configs = {}
+    for batch, valid in ((64, 0.95), (256, 0.90)):
+        composed = compose_cfg(tmp_path, small_mirror, "+experiment=paper_molbbbp", "model=gcn",
+                               "moe.gate=expert_choice", f"trainer.eval_batch_size={batch}")
+        configs[batch] = OmegaConf.to_container(composed, resolve=True)
+        write_summary(search / str(batch), "gcn", {}, valid, config=configs[batch])
+    assert select_main([str(search), "--backbone", "gcn"]) == 0
+    overrides = shlex.split(capsys.readouterr().out)
+    assert "trainer.eval_batch_size=64" in overrides
+    selected = OmegaConf.to_container(
+        compose_cfg(tmp_path, small_mirror, "+experiment=paper_selected", *overrides), resolve=True)
+    assert config_identity(selected) == config_identity(configs[64]) != config_identity(configs[256])
 
 
 @pytest.mark.parametrize("command", [report_main, routing_main, select_main])

@@ -313,6 +313,18 @@ def test_expert_given_one_node_in_training_uses_running_statistics() -> None:
         assert torch.equal(buffer, kept) == name.startswith(("convs.1.", "norms.1.")), name
 
 
+@pytest.mark.parametrize(("backbone", "gate"), list(itertools.product(["gcn", "gin"], GATES)))
+def test_a_layer_given_no_atoms_returns_no_rows(backbone: str, gate: str) -> None:
+    no_edges = torch.empty(2, 0, dtype=torch.long)
+    bonds, paths = (HopGraph(no_edges, torch.empty(0, columns, dtype=torch.long), torch.empty(0))
+                    for columns in (3, 6))  # a bond's features, a 2-hop path's
+    for dispatch, training in itertools.product(["sparse", "dense"], [True, False]):
+        layer = GMoELayer(backbone, 8, 4, 2, 2, True, "sum", dispatch, gate).train(training)
+        out, stats = layer(torch.empty(0, 8), bonds, paths)
+        assert out.shape == (0, 8), (dispatch, training)
+        assert stats.expert_counts.tolist() == [0, 0, 0, 0]
+
+
 def test_hidden_size_scales_with_top_k() -> None:
     model = ModelConfig(backbone="gcn", num_layers=5, hidden_dim=300, dropout=0.5,
                         virtual_node=False, pooling="mean")

@@ -210,3 +210,53 @@ def test_one_config_on_two_copies_of_the_data_is_two_rows() -> None:
     rows[0].fingerprint, rows[1].fingerprint = "a" * 16, "b" * 16
     _name_rows(rows)
     assert [r.label for r in rows] == ["gcn data=aaaaaaaa", "gcn data=bbbbbbbb"]
+
+
+def test_expert_choice_rows_that_differ_in_evaluation_batch_keep_a_row_each() -> None:
+    """Expert choice's capacity follows the batch, so its evaluation batch size is part of what
+    the config computes: two such configs are two rows, named by it."""
+    from gmoe_bench.reports.table import _name_rows
+
+    rows = [result("gcn", {**GMOE, "gate": "expert_choice"}, [t]) for t in (0.81, 0.61)]
+    rows[1].config["trainer"]["eval_batch_size"] = 32
+    _name_rows(rows)
+    assert [r.label for r in rows] == ["trainer.eval_batch_size=256", "trainer.eval_batch_size=32"]
+    table = markdown_table(rows)
+    assert "**81.00 ± 0.00**" in table and "61.00 ± 0.00" in table
+
+
+def test_runs_from_before_a_key_existed_are_named_by_its_default() -> None:
+    """A run stored before ``moe.gate`` existed used the top-k gate: no ``gate=None`` in its name."""
+    from gmoe_bench.reports.table import _name_rows
+
+    old = result("gcn", GMOE, [0.7])
+    new = result("gcn", {**GMOE, "gate": "top_k", "top_k": 2}, [0.7])
+    _name_rows([old, new])
+    assert [old.label, new.label] == ["k=4 width=150", "k=2 width=212"]
+
+
+def test_details_and_plots_leave_out_shares_the_gate_fixes(tmp_path: Path) -> None:
+    """Dense gating (every node to every expert) and expert choice (every expert at capacity) make
+    the shares even by construction: no entropy, load CV² or heat map that would call them
+    balanced; top-k's shares are reported."""
+    from gmoe_bench.reports.plots import routing_heatmaps
+
+    for name, moe in (("topk", GMOE), ("dense", {**GMOE, "gate": "dense"}),
+                      ("all", {**GMOE, "top_k": 8})):
+        write_run(tmp_path / "runs" / name, moe, [0.7, 0.72], hidden=300)
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    details = {line.split(" | ")[0].strip("| "): line.split(" | ")[-3:]
+               for line in (tmp_path / "report" / "details.md").read_text().splitlines()[2:]}
+    assert details["gate=top_k k=4 width=150"] == ["1.000", "0.0000", "0.000 |"]
+    for label in ("gate=dense k=4 width=150", "gate=top_k k=8 width=106"):
+        assert details[label] == ["fixed by the gate", "fixed by the gate", "fixed by the gate |"]
+    fixed = [r for r in collect([tmp_path / "runs"]) if r.shares_fixed]
+    assert len(fixed) == 2 and not routing_heatmaps(fixed, tmp_path / "routing.png")
+    assert not (tmp_path / "routing.png").exists()
+
+
+def test_a_digest_beside_its_own_run_folders_lists_each_job_once(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs" / "gmoe", GMOE, [0.70, 0.72], hidden=150)
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    (merged,) = collect([tmp_path / "report" / "digest.json", tmp_path / "runs"])
+    assert len(merged.seeds) == 2 and len(merged.jobs) == 1

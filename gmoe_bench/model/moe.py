@@ -159,6 +159,8 @@ def run_experts(x: Tensor, node: Tensor, expert: Tensor, weight: Tensor,
     ``e · num_seeds + s``).
     """
     num_nodes, num_experts = x.size(0), len(convs)
+    if node.numel() == 0:  # no atoms (an empty batch): no expert runs, and none can be shaped
+        return torch.zeros_like(x)
     targets = slots_of(expert, node, num_experts, num_nodes)
     hops: list[HopPairs] = []
     deg = x.new_empty(node.numel())

@@ -9,7 +9,13 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 
 from gmoe_bench import output_dirs
-from gmoe_bench.config import CONFIG_DIR, as_dict, is_execution_key, validate
+from gmoe_bench.config import (
+    CONFIG_DIR,
+    as_dict,
+    computing_execution_keys,
+    is_execution_key,
+    validate,
+)
 from gmoe_bench.records import display_scale, flatten, higher_is_better
 from gmoe_bench.reports.paper_figures import PAPER_EPOCHS, PAPER_SEEDS, family, paper_figure
 from gmoe_bench.reports.stats import LEVEL, difference_interval
@@ -127,16 +133,18 @@ def selected_overrides(result: ConfigResult, epochs: int | None = None) -> str:
     """The overrides that, after ``+experiment=paper_selected``, compose ``result``'s own config:
     every key whose value in the job differs from what that experiment composes to, so the command
     trains the same model (same config identity, so the search's finished seeds are reused), not a
-    rebuilt approximation. Execution keys (seeds, device, data folders, W&B) are left to the user.
+    rebuilt approximation. Execution keys (seeds, device, data folders, W&B) are left to the user,
+    except those that change what the config computes (expert choice's evaluation batch).
     ``epochs``, when given, replaces the job's own (a shortened search re-run at the protocol)."""
     output_dirs.register()  # the resolvers the Hydra configs name
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = flatten(as_dict(validate(compose("train", overrides=[SELECTED_EXPERIMENT]))))
-    own = flatten(as_dict(validate(result.config)))  # keys added since the run: their defaults
+    own = dict(result.flat)  # keys added since the run: their defaults
     if epochs is not None:  # the same model trained for another number of epochs
         own["trainer.epochs"] = epochs
+    computing = computing_execution_keys(result.typed)  # expert choice's evaluation batch
     changed = [f"{key}={_override_value(value)}" for key, value in own.items()
-               if base[key] != value and not is_execution_key(key)]
+               if base[key] != value and (key in computing or not is_execution_key(key))]
     return " ".join(shlex.quote(override) for override in changed)
 
 

@@ -62,12 +62,13 @@ def routing_heatmaps(results: list[ConfigResult], path: Path) -> bool:
     """Share of nodes routed to each expert per layer at each seed's best validation epoch (the
     weights the metrics come from, and all a report rebuilt from a digest keeps), mean over seeds.
 
-    Returns False (and writes nothing) when no configuration has experts.
+    Returns False (and writes nothing) when no configuration has experts whose shares the gate
+    leaves free (:attr:`~gmoe_bench.reports.table.ConfigResult.shares_fixed`).
     """
     def at_best(seed: dict) -> list[list[float]]:
         return seed["epochs"][seed["best_epoch"] - 1]["routing"]
 
-    moe = [r for r in results if all(at_best(s) for s in r.seeds)]
+    moe = [r for r in results if not r.shares_fixed and all(at_best(s) for s in r.seeds)]
     if not moe:
         return False
     cols = min(4, len(moe))
@@ -94,9 +95,11 @@ def routing_heatmaps(results: list[ConfigResult], path: Path) -> bool:
 
 def entropy_curves(results: list[ConfigResult], path: Path) -> bool:
     """Routing entropy (mean over layers and seeds) per epoch, one line per GMoE configuration:
-    a falling line is the gate collapsing onto fewer experts. False (no file) without GMoE."""
+    a falling line is the gate collapsing onto fewer experts. False (no file) without GMoE whose
+    shares the gate leaves free."""
     # every epoch's routing is needed (a report rebuilt from a digest has only the best epoch's)
-    moe = [r for r in results if all(e["routing"] for s in r.seeds for e in s["epochs"])]
+    moe = [r for r in results if not r.shares_fixed
+           and all(e["routing"] for s in r.seeds for e in s["epochs"])]
     if not moe:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))

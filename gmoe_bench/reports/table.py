@@ -7,12 +7,22 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gmoe_bench.config import EXECUTION_KEYS, config_identity, network_width
+from gmoe_bench.config import (
+    EXECUTION_KEYS,
+    Gate,
+    TrainConfig,
+    as_dict,
+    computing_execution_keys,
+    config_identity,
+    network_width,
+    validate,
+)
 from gmoe_bench.errors import ConfigError
 from gmoe_bench.records import (
     SUMMARY_FILE,
@@ -61,7 +71,17 @@ class ConfigResult:
 
     @property
     def key(self) -> str:  # the config without dataset, seeds and execution details
-        return config_identity(self.config, also_ignore=("dataset.name",))
+        return config_identity(self.typed, also_ignore=("dataset.name",))
+
+    @cached_property
+    def typed(self) -> TrainConfig:
+        """The stored config through the schema: keys added since the run take their defaults."""
+        return validate(self.config)
+
+    @cached_property
+    def flat(self) -> dict[str, Any]:
+        """:attr:`typed` as dotted keys."""
+        return flatten(as_dict(self.typed))
 
     def values(self, split: str) -> np.ndarray:
         return np.array([s[split] for s in self.seeds], dtype=float)
@@ -76,7 +96,16 @@ class ConfigResult:
 
     @property
     def is_gmoe(self) -> bool:
-        return self.config["moe"]["num_experts"] > 0
+        return self.typed.moe.enabled
+
+    @property
+    def shares_fixed(self) -> bool:
+        """Whether the gate fixes each expert's share of the (node, expert) pairs by construction,
+        so routing shares, their entropy and load CV² say nothing: the dense gate sends every node
+        to every expert, expert choice fills every expert to its capacity, top-k with k = n picks
+        all."""
+        moe = self.typed.moe
+        return moe.gate in (Gate.dense, Gate.expert_choice) or moe.top_k >= moe.num_experts
 
 
 def _check_entry(summary: dict[str, Any]) -> None:
@@ -166,56 +195,69 @@ def _merge(groups: dict[tuple[str, str, str | None], ConfigResult], summary: dic
                           summary["config"], fingerprint=summary.get("data", {}).get("fingerprint"))
     group = groups.setdefault((result.dataset, result.key, result.fingerprint), result)
     known = {s["seed"] for s in group.seeds}
-    group.jobs.extend(summary["jobs"])
+    new = [s for s in summary["seeds"] if s["seed"] not in known]
     for seed in summary["seeds"]:
         if seed["seed"] in known:
             first = next(j["summary"] for j in group.jobs if seed["seed"] in j["seeds"])
             log.warning("seed %d of %s appears twice; keeping the one in %s, ignoring %s",
                         seed["seed"], group.model, first, path)
-            continue
-        group.seeds.append(seed)
+    if new:  # a job none of whose seeds is kept (a digest beside its own run folders) is not listed
+        group.jobs.extend(summary["jobs"])
+        group.seeds.extend(new)
 
 
-def _label_values(config: dict[str, Any]) -> dict[str, Any]:
-    """The config keys that may name a row, with the hidden size as the network's actual width
+def _naming_keys(result: ConfigResult) -> dict[str, Any]:
+    """The config keys that may name a row: all but the dataset and the execution keys that do not
+    change what the config computes."""
+    computing = computing_execution_keys(result.typed)
+    return {k: v for k, v in result.flat.items()
+            if k in computing or not k.startswith(IGNORED_PREFIXES)}
+
+
+def _label_values(result: ConfigResult) -> dict[str, Any]:
+    """:func:`_naming_keys`, with the hidden size as the network's actual width
     (``hidden_dim/√k`` for GMoE with ``scale_hidden``) in place of the two keys that set it."""
-    flat = {k: v for k, v in flatten(config).items() if not k.startswith(IGNORED_PREFIXES)}
-    hidden, scale = flat.pop("model.hidden_dim", None), flat.pop("moe.scale_hidden", False)
-    if hidden is not None:
-        flat["width"] = network_width(hidden, flat.get("moe.num_experts", 0),
-                                      flat.get("moe.top_k", 1), scale)
+    flat = _naming_keys(result)
+    hidden, scale = flat.pop("model.hidden_dim"), flat.pop("moe.scale_hidden")
+    flat["width"] = network_width(hidden, flat["moe.num_experts"], flat["moe.top_k"], scale)
     return flat
 
 
 def _name_rows(results: list[ConfigResult]) -> None:
     """Name each configuration by the config values that differ between configurations."""
-    flat = [_label_values(r.config) for r in results]
+    flat = [_label_values(r) for r in results]
     keys = sorted({k for f in flat for k in f})
-    differing = [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
+    # a key only some rows are named by (expert choice's evaluation batch) differs among those
+    differing = [k for k in keys if len({json.dumps(f[k]) for f in flat if k in f}) > 1]
     # MoE keys mean nothing for the plain backbone (n=0): leave them out of its name.
     for result, values in zip(results, flat, strict=True):
-        plain = values.get("moe.num_experts", 0) == 0
+        plain = values["moe.num_experts"] == 0
         parts = []
         for key in differing:
-            if plain and key.startswith("moe."):
+            if key not in values or (plain and key.startswith("moe.")):
                 continue
             short = SHORT_NAMES.get(key, key)
-            value = values.get(key)
+            value = values[key]
             parts.append(f"{value}" if short == "" else f"{short}={value:g}" if
                          isinstance(value, float) else f"{short}={value}")
         result.label = " ".join(parts) or result.model
     # Configs that build the same network with other keys (hidden 300 scaled by 1/√4 and hidden
     # 150 unscaled): named by the raw keys that differ among them.
     for group in _same_label(results):
-        raw = [{k: v for k, v in flatten(r.config).items() if not k.startswith(IGNORED_PREFIXES)}
-               for r in group]
-        keys = sorted({k for f in raw for k in f if len({json.dumps(g.get(k)) for g in raw}) > 1})
+        raw = [_naming_keys(r) for r in group]
+        keys = sorted({k for f in raw for k in f
+                       if len({json.dumps(g[k]) for g in raw if k in g}) > 1})
         for r, values in zip(group, raw, strict=True):
-            r.label += "".join(f" {k}={values.get(k)}" for k in keys)
+            r.label += "".join(f" {k}={values[k]}" for k in keys if k in values)
     # The same config trained on different data (another copy, edited labels) is another row.
     for group in _same_label(results):
         for r in group:
             r.label += f" data={r.fingerprint[:8] if r.fingerprint else 'unrecorded'}"
+    # Configurations differ in a naming key or their data, so this cannot happen; a table that
+    # silently kept one of two cells would be worse than stopping.
+    if clash := _same_label(results):
+        raise RuntimeError(f"gmoe-report could not tell configurations apart: {clash[0][0].label} "
+                           f"({', '.join(r.key for r in clash[0])}); please report this.")
 
 
 def _same_label(results: list[ConfigResult]) -> list[list[ConfigResult]]:
@@ -248,8 +290,7 @@ class Gain:
 
 
 def _semantics(result: ConfigResult) -> str:
-    flat = flatten(result.config)
-    return json.dumps({k: v for k, v in sorted(flat.items())
+    return json.dumps({k: v for k, v in sorted(result.flat.items())
                        if not k.startswith((*IGNORED_PREFIXES, *GMOE_ONLY_PREFIXES))})
 
 
@@ -433,7 +474,7 @@ def hop2_share(shares: list[list[float]], num_hop2: int) -> float:
 def details_table(results: list[ConfigResult]) -> str:
     """One row per (configuration, dataset): validation and test metric, best epoch, parameters,
     and for GMoE the routing entropy, load CV² and hop-2 share at each seed's best epoch (mean
-    over seeds)."""
+    over seeds; "fixed by the gate" where the gate sets the shares, :attr:`ConfigResult.shares_fixed`)."""
     header = ["model", "dataset", "seeds", "epochs", "valid", "test", "best epoch (min–max)",
               "parameters", "routing entropy", "load CV²", "hop-2 share"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -443,7 +484,9 @@ def details_table(results: list[ConfigResult]) -> str:
         best = [s["best_epoch"] for s in r.seeds]
         at_best = [s["epochs"][s["best_epoch"] - 1]["routing"] for s in r.seeds]
         entropy = imbalance = share = "–"
-        if at_best[0]:
+        if at_best[0] and r.shares_fixed:
+            entropy = imbalance = share = "fixed by the gate"
+        elif at_best[0]:
             num_hop2 = r.config["moe"]["num_hop2"]
             entropy = f"{np.mean([routing_entropy(x) for x in at_best]):.3f}"
             imbalance = f"{np.mean([load_cv_squared(x) for x in at_best]):.4f}"
