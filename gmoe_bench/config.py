@@ -11,9 +11,11 @@ uses, summary.json stores (:func:`as_dict`) and :func:`config_identity` hashes.
 from __future__ import annotations
 
 import copy
+import csv
 import difflib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -222,6 +224,16 @@ def config_groups() -> dict[str, list[str]]:
 _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
+# OGB's registry of graph property datasets, found without importing ogb (which imports torch).
+OGB_MASTER_CSV = Path(importlib.util.find_spec("ogb").origin).parent / "graphproppred" / "master.csv"
+
+
+def ogb_molecular_datasets() -> list[str]:
+    """The ogbg-mol* names in OGB's registry."""
+    with OGB_MASTER_CSV.open() as f:
+        return [name for name in next(csv.reader(f)) if name.startswith("ogbg-mol")]
+
+
 def config_error(err: Exception) -> ConfigError:
     """Hydra's or OmegaConf's rejection of a config (an override it cannot parse, a config group
     option, key or value that does not exist, a wrong type) as one sentence that names the fix."""
@@ -234,7 +246,11 @@ def config_error(err: Exception) -> ConfigError:
                            "brackets or commas need quotes in the shell, e.g. 'seeds=[0,1]').")
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, value = err.missing_cfg_file.strip("/").rpartition("/")
-        hint = f" For any other OGB dataset, use dataset.name={value}." if group == "dataset" else ""
+        hint = ""
+        if group == "dataset" and value in ogb_molecular_datasets():  # OGB has it; we no config
+            hint = f" For any other OGB dataset, use dataset.name={value}."
+        elif close := difflib.get_close_matches(value, err.options, n=1):
+            hint = f" Did you mean {group}={close[0]}?"
         return ConfigError(f"{group}={value} is not one of the {group} configs "
                            f"({', '.join(err.options)}).{hint}")
     cause = err.__cause__ if isinstance(err, HydraException) else err

@@ -256,10 +256,20 @@ class SweepJobError(CompactHydraException):
     traceback, as for every CompactHydraException) and exits non-zero."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, and whether re-running the same command resumes it."""
+
+    def __init__(self, resumes: bool) -> None:
+        super().__init__()
+        self.resumes = resumes
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except KeyboardInterrupt:
+        raise Interrupted(resumes=cfg.trainer.resume is not False) from None
     except (UserError, TrainingError) as err:
         print(f"gmoe-train: error: {err}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -312,9 +322,12 @@ def main() -> None:
         print(f"gmoe-train: error: {err}. A config group (model=, trainer=, ...) takes one of its "
               "options; gmoe-train --help lists them.", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        how = ("re-run the same command to resume" if getattr(err, "resumes", True) else
+               "re-run it with trainer.resume=true to resume (with trainer.resume=false it would "
+               "start over)")
         print("gmoe-train: interrupted. Finished seeds are in summary.json and the checkpoints; "
-              "re-run the same command to resume.", file=sys.stderr, flush=True)
+              f"{how}.", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
 
 

@@ -3,12 +3,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import Tensor
 
 from gmoe_bench.config import DatasetConfig
 from gmoe_bench.data.augment import drop_nodes
+from gmoe_bench.data.from_smiles import write_ogb_folder
 from gmoe_bench.data.ogb import load_dataset
 from gmoe_bench.errors import DataError
 from tests.conftest import small_molecules
@@ -29,6 +32,28 @@ def test_mirror_is_copied_processed_and_split(small_mirror: Path, tmp_path: Path
     assert not (small_mirror / "ogbg_molbbbp" / "processed").exists()  # mirror left untouched
     salt = data.graphs[n - 1]  # [Na+].[Cl-]: two atoms, no bonds
     assert salt.num_nodes == 2 and salt.edge_index.size(1) == 0
+
+
+def test_packaged_molecules_keep_their_labels_exactly(tmp_path: Path) -> None:
+    """Regression targets and missing labels are written exactly (ogb then loads them as float32)."""
+    smiles = small_molecules()
+    labels = np.linspace(-1e-4, 1.23456789e5, len(smiles))[:, None] / 7.0
+    labels[1, 0] = np.nan
+    n = len(smiles)
+    write_ogb_folder(tmp_path / "mirror" / "ogbg_molesol", smiles, labels,
+                     {"train": range(n - 4), "valid": [n - 4, n - 3], "test": [n - 2, n - 1]})
+    written = pd.read_csv(tmp_path / "mirror" / "ogbg_molesol" / "raw" / "graph-label.csv.gz",
+                          header=None).to_numpy()
+    assert np.array_equal(written, labels, equal_nan=True)
+    data = load_dataset(dataset_cfg(tmp_path / "root", tmp_path / "mirror", "ogbg-molesol"))
+    assert np.array_equal(data.graphs.y.numpy(), labels.astype(np.float32), equal_nan=True)
+
+
+def test_an_unparsable_smiles_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^SMILES 1 \('C1CC'\) is not a molecule rdkit can parse"):
+        write_ogb_folder(tmp_path / "x", ["CCO", "C1CC"], np.zeros((2, 1)),
+                         {"train": [0], "valid": [1], "test": [1]})
+    assert not (tmp_path / "x").exists()
 
 
 def test_processed_cache_is_reloaded_with_weights_only(small_mirror: Path, tmp_path: Path,

@@ -39,6 +39,8 @@ from gmoe_bench.config import (
 )
 from gmoe_bench.data import ogb
 from gmoe_bench.data.ogb import load_dataset
+from gmoe_bench.engine.checkpoint import rng_state
+from gmoe_bench.engine.run import build_optimizer
 from gmoe_bench.errors import ConfigError, DataError, TrainingError
 from gmoe_bench.model import build_model
 from gmoe_bench.reports.cli import main as report_main
@@ -79,6 +81,38 @@ def test_corrupt_raw_file_deletes_nothing(local_copy: Path) -> None:
     with pytest.raises(DataError, match=r"node-feat\.csv\.gz cannot be read .*corrupt"):
         load_dataset(dataset_cfg(local_copy.parent, None))
     assert sorted(local_copy.rglob("*")) == files  # the user's folder is as it was
+
+
+def test_a_corrupt_mirror_file_is_named_and_leaves_no_copy(local_copy: Path,
+                                                             tmp_path: Path) -> None:
+    """The copy is checked before it takes the dataset's name: a bad mirror file is named as the
+    mirror's, and the next run (the mirror repaired) copies afresh instead of reusing a bad copy."""
+    mirror = local_copy.parent
+    raw = local_copy / "raw" / "node-feat.csv.gz"
+    good = raw.read_bytes()
+    raw.write_bytes(good[: len(good) // 2])  # truncated
+    root = tmp_path / "fresh_root"
+    with pytest.raises(DataError, match=rf"^The data mirror's ogbg_molbbbp is unusable, so it was "
+                                        rf"not copied: {re.escape(str(raw))} cannot be read"):
+        load_dataset(dataset_cfg(root, mirror))
+    assert not any(p.name.startswith("ogbg_molbbbp") for p in root.iterdir())
+    raw.write_bytes(good)
+    assert len(load_dataset(dataset_cfg(root, mirror)).graphs) == N
+
+
+def test_a_read_only_mirror_gives_a_copy_its_owner_can_process_and_remove(
+        local_copy: Path, tmp_path: Path) -> None:
+    folders = [local_copy, *(p for p in local_copy.rglob("*") if p.is_dir())]
+    for path in [*local_copy.rglob("*"), *folders]:
+        path.chmod(path.stat().st_mode & ~0o222)  # read-only, as a shared mirror is
+    try:
+        data = load_dataset(dataset_cfg(tmp_path / "fresh_root", local_copy.parent))
+    finally:
+        for path in folders:
+            path.chmod(path.stat().st_mode | 0o200)
+    copy = data.folder
+    assert all(p.stat().st_mode & 0o200 for p in [copy, *copy.rglob("*")])
+    assert (copy / "processed").is_dir()
 
 
 def test_incomplete_folder_that_is_the_mirror_is_left_alone(local_copy: Path) -> None:
@@ -419,6 +453,20 @@ def test_unusable_seed_files_are_set_aside_and_the_seed_reruns(local_copy: Path,
     train(compose_run(tmp_path, local_copy.parent), tmp_path)
     assert summary_of(tmp_path)["seeds"][0]["test"] == reference
     assert list(result.parent.glob("seed_0.pt.unusable-*"))
+    # this model's checkpoint whose epochs cannot be restored (another version's records): the
+    # same, not a seed failed on every rerun
+    result.unlink()
+    cfg = validate(compose_run(tmp_path, local_copy.parent))
+    model = build_model(cfg.model, cfg.moe, 1)
+    shuffle = torch.Generator().manual_seed(0)
+    torch.save({"model": model.state_dict(),
+                "optimizer": build_optimizer(model, cfg.trainer.lr, False).state_dict(),
+                "rng": rng_state(shuffle, None), "records": [{"epoch": 1, "lr": 0.001}],
+                "wall_seconds": 0.0}, result.with_name("seed_0.pt"))
+    torch.save(model.state_dict(), result.with_name("seed_0.best.pt"))
+    train(compose_run(tmp_path, local_copy.parent), tmp_path)
+    assert summary_of(tmp_path)["seeds"][0]["test"] == reference
+    assert len(list(result.parent.glob("seed_0.pt.unusable-*"))) == 2
 
 
 # --- W&B never blocks --------------------------------------------------------------------------
@@ -568,6 +616,10 @@ def run_main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
      "(ogbg-molbace, ogbg-molbbbp, ogbg-molclintox, ogbg-molesol, ogbg-molfreesolv, ogbg-molhiv, "
      "ogbg-mollipo, ogbg-molmuv, ogbg-molpcba, ogbg-molsider, ogbg-moltox21, ogbg-moltoxcast). For "
      "any other OGB dataset, use dataset.name=ogbg-molchembl."),
+    (["dataset=ogbg-molbbp"], "dataset=ogbg-molbbp is not one of the dataset configs (ogbg-molbace, "
+     "ogbg-molbbbp, ogbg-molclintox, ogbg-molesol, ogbg-molfreesolv, ogbg-molhiv, ogbg-mollipo, "
+     "ogbg-molmuv, ogbg-molpcba, ogbg-molsider, ogbg-moltox21, ogbg-moltoxcast). Did you mean "
+     "dataset=ogbg-molbbbp?"),
     (["-m", "model=gcn,gat"], "model=gat is not one of the model configs (gcn, gin)."),
     (["+experiment=paper_molbbb"], "experiment=paper_molbbb is not one of the experiment configs"),
 ])
@@ -588,6 +640,18 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
     assert run_main(monkeypatch, "seeds=[0]") == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "re-run the same command" in err and "Traceback" not in err
+
+
+def test_ctrl_c_without_resume_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    def interrupted(cfg, output_dir: Path) -> float:
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert run_main(monkeypatch, "trainer.resume=false") == 130
+    err = capsys.readouterr().err
+    assert "re-run it with trainer.resume=true to resume" in err and err.count("\n") == 1
 
 
 class _InterruptImport:

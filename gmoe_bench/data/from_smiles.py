@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from ogb.utils import smiles2graph
+from rdkit import Chem
 
 
 def _write_csv_gz(path: Path, rows: np.ndarray, fmt: str) -> None:
@@ -28,7 +29,13 @@ def write_ogb_folder(
     split: dict[str, Sequence[int]],  # 'train' | 'valid' | 'test' -> graph indices
     split_name: str = "scaffold",
 ) -> None:
-    """Featurize ``smiles`` with :func:`ogb.utils.smiles2graph` and write them in OGB's layout."""
+    """Featurize ``smiles`` with :func:`ogb.utils.smiles2graph` and write them in OGB's layout
+    (labels exactly: floats with 17 significant digits). A string rdkit cannot parse is a
+    ValueError naming it."""
+    for i, s in enumerate(smiles):
+        if Chem.MolFromSmiles(s) is None:
+            raise ValueError(f"SMILES {i} ({s!r}) is not a molecule rdkit can parse; fix or drop "
+                             "it (and its label and split entries).")
     graphs = [smiles2graph(s) for s in smiles]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "RELEASE_v1.txt").write_text("# Written by gmoe_bench.data.from_smiles\n")
@@ -42,7 +49,7 @@ def write_ogb_folder(
     _write_csv_gz(raw / "num-node-list.csv.gz", np.array([[g["num_nodes"]] for g in graphs]), "%d")
     _write_csv_gz(raw / "num-edge-list.csv.gz", np.array([[len(e)] for e in edges]), "%d")
     labels = np.asarray(labels, dtype=float).reshape(len(graphs), -1)
-    _write_csv_gz(raw / "graph-label.csv.gz", labels, "%g")
+    _write_csv_gz(raw / "graph-label.csv.gz", labels, "%.17g")
     for part, idx in split.items():
         _write_csv_gz(folder / "split" / split_name / f"{part}.csv.gz",
                       np.asarray(idx, dtype=int).reshape(-1, 1), "%d")

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import shutil
+import stat
 import urllib.error
 import zipfile
 import zlib
@@ -37,7 +38,7 @@ from ogb.utils.features import get_atom_feature_dims, get_bond_feature_dims
 from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
 from torch_geometric.data.storage import GlobalStorage
 
-from gmoe_bench.config import DatasetConfig
+from gmoe_bench.config import OGB_MASTER_CSV, DatasetConfig
 from gmoe_bench.errors import DataError
 from gmoe_bench.output_dirs import aside_name
 
@@ -46,7 +47,6 @@ PYG_PICKLED_CLASSES = [DataEdgeAttr, DataTensorAttr, GlobalStorage]
 RAW_FILES = ("edge", "node-feat", "edge-feat", "graph-label", "num-node-list", "num-edge-list")
 # Columns of each raw file in OGB's molecular format (graph-label: one per task).
 RAW_COLUMNS = {"edge": 2, "node-feat": 9, "edge-feat": 3, "num-node-list": 1, "num-edge-list": 1}
-MASTER_CSV = Path(PygGraphPropPredDataset.__init__.__code__.co_filename).parent / "master.csv"
 PROCESSED_FILE = "geometric_data_processed.pt"
 # Beside the processed file: the fingerprint of the raw files it was built from.
 FINGERPRINT_FILE = "gmoe_raw_fingerprint.txt"
@@ -70,7 +70,7 @@ class MolDataset:
 
 def ogb_meta(name: str) -> pd.Series:
     """OGB's registry entry for ``name``; a DataError listing the valid names if unknown."""
-    master = pd.read_csv(MASTER_CSV, index_col=0, keep_default_na=False)
+    master = pd.read_csv(OGB_MASTER_CSV, index_col=0, keep_default_na=False)
     known = [c for c in master.columns if c.startswith("ogbg-mol")]
     if name not in known:
         raise DataError(f"Unknown dataset '{name}'. OGB's molecular datasets are: "
@@ -262,7 +262,16 @@ def _copy_from_mirror(source: Path, meta: pd.Series, target: Path) -> None:
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")  # ours alone: we may remove it
     try:
         shutil.copytree(source, partial, ignore=shutil.ignore_patterns("processed"))
+        # copytree keeps the mirror's modes: a read-only mirror would give a copy that ogb cannot
+        # add processed/ to, and that its owner cannot remove
+        for path in (partial, *partial.rglob("*")):
+            path.chmod(path.stat().st_mode | stat.S_IWUSR | (stat.S_IXUSR if path.is_dir() else 0))
+        check_raw_files(partial, meta)  # a bad mirror file must not become a copy that looks whole
         partial.rename(target)  # atomic: a killed copy never looks like a dataset
+    except DataError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"The data mirror's {source.name} is unusable, so it was not copied: "
+                        f"{str(err).replace(str(partial), str(source))}") from err
     except OSError as err:
         shutil.rmtree(partial, ignore_errors=True)
         raise DataError(f"Could not copy {source} to {target} ({err}). Free space or make "
@@ -373,6 +382,7 @@ def _prepare(cfg: DatasetConfig, meta: pd.Series, root: Path, folder: Path,
     """Copy, check and process the dataset folder as needed; return it opened and its fingerprint."""
     mirror = Path(cfg.mirror).expanduser().resolve() / folder.name if cfg.mirror else None
     missing = missing_files(folder, meta) if folder.exists() else []
+    copied = False
     if missing:
         problem = f"The dataset folder {folder} is incomplete (it lacks {', '.join(missing)})"
         if mirror is None or mirror == folder or not writable:
@@ -396,10 +406,12 @@ def _prepare(cfg: DatasetConfig, meta: pd.Series, root: Path, folder: Path,
                             f"{cfg.name}. Put the extracted OGB folder there, point "
                             "dataset.mirror / GMOE_DATA_MIRROR at a folder that has it, or set "
                             "dataset.mirror=null to let ogb download it.")
-        _copy_from_mirror(mirror, meta, folder)
+        _copy_from_mirror(mirror, meta, folder)  # checks the raw files of its copy
+        copied = True
     fingerprint = data_fingerprint(folder, meta)
     if not _cache_matches(folder, fingerprint):
-        check_raw_files(folder, meta)  # in full, once, before ogb parses them
+        if not copied:
+            check_raw_files(folder, meta)  # in full, once, before ogb parses them
         if not writable:
             raise DataError(f"{folder} is not processed (or its processed/ cache is older than its "
                             "raw files) and dataset.root is read-only. Set dataset.root to a writable "

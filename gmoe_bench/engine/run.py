@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torch_geometric.loader import DataLoader
 
 from gmoe_bench.config import TrainConfig
 from gmoe_bench.data.ogb import MolDataset
-from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state
+from gmoe_bench.engine.checkpoint import SeedCheckpoint, restore_rng_state, rng_state, set_aside
 from gmoe_bench.engine.graphed import GraphedTrainStep
 from gmoe_bench.engine.loop import EpochStats, NonFinitePredictions, evaluate, train_epoch
 from gmoe_bench.errors import ConfigError, TrainingError, UserError, describe_error
@@ -113,20 +114,29 @@ def start_seed(cfg: TrainConfig, data: MolDataset, seed: int, device: torch.devi
                   loader, checkpoint)
     state = checkpoint.load(model.state_dict()) if resume else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        for group in run.optimizer.param_groups:  # the saved setting is the earlier run's
-            group["capturable"] = capturable
-        restore_rng_state(state["rng"], shuffle, stream)
-        run.cuda_rng = state["rng"].get("cuda_global")
-        run.records = [EpochRecord(**r) for r in state["records"]]
-        run.elapsed = state["wall_seconds"]
-        for record in run.records:
-            if is_better(data.eval_metric, record.valid, run.best.valid if run.best else None):
-                run.best = record
+        try:
+            _restore(run, state, capturable, data.eval_metric)
+        except Exception as err:  # e.g. another version's records: it only costs its epochs
+            set_aside(checkpoint.state_path, f"it cannot be restored ({type(err).__name__}: {err})")
+            return start_seed(cfg, data, seed, device, checkpoint, own_stream, resume=False)
         log.info("seed %d: resumed after epoch %d from %s", seed, len(run.records),
                  checkpoint.state_path)
     return run
+
+
+def _restore(run: SeedRun, state: dict[str, Any], capturable: bool, metric: str) -> None:
+    """Put a checkpoint's weights, optimizer, random streams and epochs into ``run``."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # the saved setting is the earlier run's
+        group["capturable"] = capturable
+    restore_rng_state(state["rng"], run.shuffle, run.stream)
+    run.cuda_rng = state["rng"].get("cuda_global")
+    run.records = [EpochRecord(**r) for r in state["records"]]
+    run.elapsed = state["wall_seconds"]
+    for record in run.records:
+        if is_better(metric, record.valid, run.best.valid if run.best else None):
+            run.best = record
 
 
 def run_seeds(cfg: TrainConfig, data: MolDataset, seeds: list[int], device: torch.device,
