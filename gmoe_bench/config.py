@@ -269,7 +269,11 @@ def config_error(err: Exception) -> ConfigError:
     if kind in _KINDS:
         return ConfigError(f"{where}={cause.value!r} is not {_KINDS[kind]}; e.g. "
                            f"{where}={_defaults(TrainConfig)[where]} (its default).")
-    return ConfigError(f"Invalid config at '{where}': {problem}.")
+    if where.partition("[")[0] == "seeds":  # seeds=0, seeds=[a]
+        wanted = "a list" if where == "seeds" else "an integer"
+        return ConfigError(f"{where}={cause.value!r} is not {wanted}; give a list of integer "
+                           "seeds, e.g. 'seeds=[0,1,2]' (quoted in the shell).")
+    return ConfigError(f"Invalid config at '{where}': {problem.rstrip('.')}.")
 
 
 @functools.cache

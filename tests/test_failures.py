@@ -620,6 +620,8 @@ def run_main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
      "ogbg-molbbbp, ogbg-molclintox, ogbg-molesol, ogbg-molfreesolv, ogbg-molhiv, ogbg-mollipo, "
      "ogbg-molmuv, ogbg-molpcba, ogbg-molsider, ogbg-moltox21, ogbg-moltoxcast). Did you mean "
      "dataset=ogbg-molbbbp?"),
+    (["seeds=0"], "seeds=0 is not a list; give a list of integer seeds, e.g. 'seeds=[0,1,2]'"),
+    (["seeds=[0,a]"], "seeds[1]='a' is not an integer; give a list of integer seeds"),
     (["-m", "model=gcn,gat"], "model=gat is not one of the model configs (gcn, gin)."),
     (["+experiment=paper_molbbb"], "experiment=paper_molbbb is not one of the experiment configs"),
 ])
