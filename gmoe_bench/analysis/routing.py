@@ -29,7 +29,7 @@ from torch import Tensor
 from torch_geometric.loader import DataLoader
 from torch_geometric.utils import degree
 
-from gmoe_bench.config import validate
+from gmoe_bench.config import Gate
 from gmoe_bench.data.ogb import MolDataset, load_dataset
 from gmoe_bench.engine.checkpoint import SeedCheckpoint, checkpoint_directory
 from gmoe_bench.errors import UserError, describe_error
@@ -249,7 +249,7 @@ def plot_report(analyses: list[RoutingAnalysis], path_v: str, path_classes: str)
 def analyse_routing(result: ConfigResult, data: MolDataset, split: str,
                     checkpoint_root: Path | None) -> RoutingAnalysis:
     """Load every seed's best-validation weights and tally its routing on ``split``."""
-    cfg = validate(result.config)
+    cfg = result.typed
     if checkpoint_root is not None:
         cfg.trainer.checkpoint_dir = str(checkpoint_root)
     if result.fingerprint is not None and result.fingerprint != data.fingerprint:
@@ -300,9 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (dirs_exist("gmoe-routing", args.dirs) and out_is_folder("gmoe-routing", args.out)):
         return 2
     # k = n, or the dense gate, routes every node to every expert: no choice to relate to structure.
-    results = [r for r in collect(args.dirs)
-               if 0 < r.config["moe"]["top_k"] < r.config["moe"]["num_experts"]
-               and r.config["moe"].get("gate", "top_k") != "dense"]
+    results = [r for r in collect(args.dirs) if r.is_gmoe
+               and r.typed.moe.top_k < r.typed.moe.num_experts and r.typed.moe.gate != Gate.dense]
     if not results:
         print(f"gmoe-routing: error: no GMoE run that chooses among its experts (top_k < "
               f"num_experts, a gate other than dense) with a finished seed under "
@@ -314,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in results:
             key = (result.dataset, result.config["dataset"]["root"])
             if key not in datasets:
-                datasets[key] = load_dataset(validate(result.config).dataset)
+                datasets[key] = load_dataset(result.typed.dataset)
             analyses.append(analyse_routing(result, datasets[key], args.split,
                                             args.checkpoint_dir))
     except UserError as err:

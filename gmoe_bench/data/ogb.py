@@ -38,7 +38,7 @@ from ogb.utils.features import get_atom_feature_dims, get_bond_feature_dims
 from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
 from torch_geometric.data.storage import GlobalStorage
 
-from gmoe_bench.config import OGB_MASTER_CSV, DatasetConfig
+from gmoe_bench.config import OGB_MASTER_CSV, DatasetConfig, ogb_molecular_datasets
 from gmoe_bench.errors import DataError
 from gmoe_bench.output_dirs import aside_name
 
@@ -70,12 +70,11 @@ class MolDataset:
 
 def ogb_meta(name: str) -> pd.Series:
     """OGB's registry entry for ``name``; a DataError listing the valid names if unknown."""
-    master = pd.read_csv(OGB_MASTER_CSV, index_col=0, keep_default_na=False)
-    known = [c for c in master.columns if c.startswith("ogbg-mol")]
+    known = ogb_molecular_datasets()
     if name not in known:
         raise DataError(f"Unknown dataset '{name}'. OGB's molecular datasets are: "
                         f"{', '.join(known)}. Choose one with dataset.name=... .")
-    return master[name]
+    return pd.read_csv(OGB_MASTER_CSV, index_col=0, keep_default_na=False)[name]
 
 
 def folder_name(name: str) -> str:

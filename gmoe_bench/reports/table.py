@@ -195,12 +195,14 @@ def _merge(groups: dict[tuple[str, str, str | None], ConfigResult], summary: dic
                           summary["config"], fingerprint=summary.get("data", {}).get("fingerprint"))
     group = groups.setdefault((result.dataset, result.key, result.fingerprint), result)
     known = {s["seed"] for s in group.seeds}
-    new = [s for s in summary["seeds"] if s["seed"] not in known]
+    new = []
     for seed in summary["seeds"]:
-        if seed["seed"] in known:
-            first = next(j["summary"] for j in group.jobs if seed["seed"] in j["seeds"])
-            log.warning("seed %d of %s appears twice; keeping the one in %s, ignoring %s",
-                        seed["seed"], group.model, first, path)
+        if seed["seed"] not in known:
+            new.append(seed)
+            continue
+        first = next(j["summary"] for j in group.jobs if seed["seed"] in j["seeds"])
+        log.warning("seed %d of %s appears twice; keeping the one in %s, ignoring %s",
+                    seed["seed"], group.model, first, path)
     if new:  # a job none of whose seeds is kept (a digest beside its own run folders) is not listed
         group.jobs.extend(summary["jobs"])
         group.seeds.extend(new)
@@ -223,12 +225,17 @@ def _label_values(result: ConfigResult) -> dict[str, Any]:
     return flat
 
 
+def _differing_keys(values: list[dict[str, Any]]) -> list[str]:
+    """The keys (sorted) whose values differ among the dicts that have them: a key only some rows
+    are named by (expert choice's evaluation batch) differs among those."""
+    keys = sorted({k for v in values for k in v})
+    return [k for k in keys if len({json.dumps(v[k]) for v in values if k in v}) > 1]
+
+
 def _name_rows(results: list[ConfigResult]) -> None:
     """Name each configuration by the config values that differ between configurations."""
     flat = [_label_values(r) for r in results]
-    keys = sorted({k for f in flat for k in f})
-    # a key only some rows are named by (expert choice's evaluation batch) differs among those
-    differing = [k for k in keys if len({json.dumps(f[k]) for f in flat if k in f}) > 1]
+    differing = _differing_keys(flat)
     # MoE keys mean nothing for the plain backbone (n=0): leave them out of its name.
     for result, values in zip(results, flat, strict=True):
         plain = values["moe.num_experts"] == 0
@@ -245,8 +252,7 @@ def _name_rows(results: list[ConfigResult]) -> None:
     # 150 unscaled): named by the raw keys that differ among them.
     for group in _same_label(results):
         raw = [_naming_keys(r) for r in group]
-        keys = sorted({k for f in raw for k in f
-                       if len({json.dumps(g[k]) for g in raw if k in g}) > 1})
+        keys = _differing_keys(raw)
         for r, values in zip(group, raw, strict=True):
             r.label += "".join(f" {k}={values[k]}" for k in keys if k in values)
     # The same config trained on different data (another copy, edited labels) is another row.
