@@ -45,6 +45,15 @@ def display_scale(metric: str) -> float:
     return 100.0 if higher_is_better(metric) else 1.0
 
 
+def mean_std_text(mean: float, std: float, count: int, digits: int = 2,
+                  plus_minus: str = "±") -> str:
+    """'80.63 ± 2.28' over ``count`` seeds; one seed has no spread to show, so its value alone
+    (a std of 0.00 would read as perfectly repeatable)."""
+    if count == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} {plus_minus} {std:.{digits}f}"
+
+
 @dataclass
 class EpochRecord:
     epoch: int

@@ -148,7 +148,8 @@ def test_comparison_with_the_paper() -> None:
     wide.label = "hidden=440"
     rows = comparison_table([result("gcn", 0, [0.68, 0.70]), result("gin", 8, [0.60, 0.61, 0.62]), wide])
     gcn, gmoe_gin, wide_row = rows.splitlines()[2:]
-    assert wide_row == ("| GCN (hidden=440) | ogbg-molbbbp | 1 | 100 | 70.00 ± 0.00 | n/a | "
+    # one seed has no spread: its value alone, not "± 0.00"
+    assert wide_row == ("| GCN (hidden=440) | ogbg-molbbbp | 1 | 100 | 70.00 | n/a | "
                         "68.87 ± 1.51 | +1.13 | n/a |")
     # two seeds 68 and 70: t(0.975, 1) = 12.706, s = √2, interval 69 ± 12.706 · 1
     assert gcn == ("| GCN | ogbg-molbbbp | 2 | 100 | 69.00 ± 1.00 | [56.29, 81.71] | 68.87 ± 1.51 | "
@@ -160,7 +161,7 @@ def test_comparison_with_the_paper() -> None:
                         result("gcn", 0, [0.7], valid=0.99), result("gcn", 8, [0.7], valid=0.99)])
     # GIN: two GMoE candidates; GCN: one GMoE configuration is no choice, the plain one no candidate
     assert chosen.count("gmoe-train") == 1
-    assert ("(validation 95.00 ± 0.00, 1 seed; lead over gin +4.00 on validation, no interval (a "
+    assert ("(validation 95.00, 1 seed; lead over gin +4.00 on validation, no interval (a "
             "single seed, or no spread)); to run it with the paper's 10 seeds:") in chosen
     # the keys in which the chosen config differs from paper_selected's (λ=1 is its own)
     assert ("`gmoe-train +experiment=paper_selected model.backbone=gin moe.num_experts=4 "

@@ -178,7 +178,7 @@ def test_configs_building_the_same_network_keep_a_row_each() -> None:
     assert [r.label for r in rows] == ["gcn moe.scale_hidden=True",
                                        "gcn moe.scale_hidden=False"]
     table = markdown_table(rows)
-    assert "51.00 ± 0.00" in table and "71.00 ± 0.00" in table
+    assert "| 51.00 |" in table and "| **71.00** |" in table
 
 
 def test_a_summary_of_another_schema_is_skipped_not_fatal(
@@ -222,7 +222,7 @@ def test_expert_choice_rows_that_differ_in_evaluation_batch_keep_a_row_each() ->
     _name_rows(rows)
     assert [r.label for r in rows] == ["trainer.eval_batch_size=256", "trainer.eval_batch_size=32"]
     table = markdown_table(rows)
-    assert "**81.00 ± 0.00**" in table and "61.00 ± 0.00" in table
+    assert "| **81.00** |" in table and "| 61.00 |" in table
 
 
 def test_runs_from_before_a_key_existed_are_named_by_its_default() -> None:
@@ -260,3 +260,15 @@ def test_a_digest_beside_its_own_run_folders_lists_each_job_once(tmp_path: Path)
     assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     (merged,) = collect([tmp_path / "report" / "digest.json", tmp_path / "runs"])
     assert len(merged.seeds) == 2 and len(merged.jobs) == 1
+
+
+def test_a_single_seed_shows_its_value_without_a_spread() -> None:
+    """std over one seed is 0 by arithmetic, not because the run repeats: no "± 0.0000"."""
+    from gmoe_bench.tracking.summary import aggregate, summary_line
+
+    one = aggregate([{"valid": 0.9, "test": 0.7}])
+    assert summary_line("ogbg-molbbbp", "gcn", "rocauc", one) == (
+        "ogbg-molbbbp gcn: test rocauc 0.7000 (valid 0.9000), 1 seed")
+    two = aggregate([{"valid": 0.9, "test": 0.7}, {"valid": 0.8, "test": 0.72}])
+    assert summary_line("ogbg-molbbbp", "gcn", "rocauc", two) == (
+        "ogbg-molbbbp gcn: test rocauc 0.7100 ± 0.0100 (valid 0.8500 ± 0.0500), 2 seeds")

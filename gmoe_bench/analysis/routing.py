@@ -36,6 +36,7 @@ from gmoe_bench.errors import UserError, describe_error
 from gmoe_bench.model import MolGNN, build_model
 from gmoe_bench.model.gate import Routing
 from gmoe_bench.model.moe import GMoELayer
+from gmoe_bench.records import mean_std_text
 from gmoe_bench.reports.cli import dirs_exist, out_is_folder
 from gmoe_bench.reports.table import ConfigResult, collect
 
@@ -187,7 +188,7 @@ def markdown_report(analyses: list[RoutingAnalysis], split: str) -> str:
             mean, std = a.mean_cramers_v(prop.name)
             chance = max(chance_v(t, a.top_k) for c in a.counts for t in c[prop.name])
             lines.append(f"| {prop.name} (chance ≤ {chance:.3f}) | " + " | ".join(
-                f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std, strict=True)) + " |")
+                mean_std_text(m, s, len(a.seeds), 3) for m, s in zip(mean, std, strict=True)) + " |")
         num_experts = a.counts[0][PROPERTIES[0].name].shape[2]
         if 0 < a.num_hop2 < num_experts:
             lines += ["", "Share of assignments going to hop-2 experts, mean over layers and seeds "

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gmoe_bench.records import display_scale
+from gmoe_bench.records import display_scale, mean_std_text
 from gmoe_bench.reports.paper import (
     candidates_per_backbone,
     comparison_table,
@@ -147,7 +147,8 @@ def select_main(argv: list[str] | None = None) -> int:
           f"{' × 100' if scale != 1 else ''} ± std over seeds, the chosen first:", file=sys.stderr)
     for r in ranked:
         mean, std = (v * scale for v in r.mean_std("valid"))
-        print(f"  {mean:.2f} ± {std:.2f}  {seed_count(r)}  {r.label}", file=sys.stderr)
+        print(f"  {mean_std_text(mean, std, len(r.seeds))}  {seed_count(r)}  {r.label}",
+              file=sys.stderr)
     print(f"gmoe-select: {lead_over_runner_up(ranked)}.", file=sys.stderr)
     if warning := unequal_seeds(ranked):
         print(f"gmoe-select: warning: {warning}.", file=sys.stderr)

@@ -16,7 +16,7 @@ from gmoe_bench.config import (
     is_execution_key,
     validate,
 )
-from gmoe_bench.records import display_scale, flatten, higher_is_better
+from gmoe_bench.records import display_scale, flatten, higher_is_better, mean_std_text
 from gmoe_bench.reports.paper_figures import PAPER_EPOCHS, PAPER_SEEDS, family, paper_figure
 from gmoe_bench.reports.stats import LEVEL, difference_interval
 from gmoe_bench.reports.table import ConfigResult
@@ -42,7 +42,7 @@ def comparison_table(results: list[ConfigResult]) -> str:
         name = family(r) if r.label == r.config["model"]["backbone"] else f"{family(r)} ({r.label})"
         lines.append("| " + " | ".join([
             name, r.dataset, str(len(r.seeds)), epochs,
-            f"{mean:.2f} ± {std:.2f}", interval, f"{paper[0]:.2f} ± {paper[1]:.2f}",
+            mean_std_text(mean, std, len(r.seeds)), interval, f"{paper[0]:.2f} ± {paper[1]:.2f}",
             f"{mean - paper[0]:+.2f}", inside]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -158,7 +158,8 @@ def selection(results: list[ConfigResult]) -> str:
         valid = r.mean_std("valid")
         scale = display_scale(r.metric)
         lines.append(f"- {dataset} GMoE-{backbone.upper()}: {r.label} (validation "
-                     f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}, {seed_count(r)}; "
+                     f"{mean_std_text(valid[0] * scale, valid[1] * scale, len(r.seeds))}, "
+                     f"{seed_count(r)}; "
                      f"{lead_over_runner_up(ranked)})")
         if warning := unequal_seeds(ranked):
             lines[-1] += f"; {warning}"

@@ -29,6 +29,7 @@ from gmoe_bench.records import (
     display_scale,
     flatten,
     higher_is_better,
+    mean_std_text,
     seed_record_problem,
 )
 from gmoe_bench.reports.paper_figures import paper_figure
@@ -364,7 +365,7 @@ def _formatted_rows(results: list[ConfigResult], plus_minus: str, bold: Callable
                 continue
             scale = display_scale(result.metric)
             mean, std = result.mean_std("test")
-            cell = f"{mean * scale:.2f} {plus_minus} {std * scale:.2f}"
+            cell = mean_std_text(mean * scale, std * scale, len(result.seeds), plus_minus=plus_minus)
             row.append(bold(cell) if (label, dataset) in best else cell)
             seed_counts.add(len(result.seeds))
         rows.append((label, row, seed_counts))
@@ -501,8 +502,8 @@ def details_table(results: list[ConfigResult]) -> str:
         params = "/".join(f"{n:,}" for n in sorted({s["num_parameters"] for s in r.seeds}))
         lines.append("| " + " | ".join([
             r.label, r.dataset, str(len(r.seeds)), epochs,
-            f"{valid[0] * scale:.2f} ± {valid[1] * scale:.2f}",
-            f"{test[0] * scale:.2f} ± {test[1] * scale:.2f}",
+            mean_std_text(valid[0] * scale, valid[1] * scale, len(r.seeds)),
+            mean_std_text(test[0] * scale, test[1] * scale, len(r.seeds)),
             f"{np.mean(best):.1f} ({min(best)}–{max(best)})", params, entropy, imbalance,
             share]) + " |")
     return "\n".join(lines) + "\n"

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from gmoe_bench.records import mean_std_text
+
 
 def aggregate(seed_results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and (population, ddof=0) std over seeds of the best-validation metrics."""
@@ -20,5 +22,5 @@ def aggregate(seed_results: list[dict[str, Any]]) -> dict[str, Any]:
 def summary_line(dataset: str, model: str, metric: str, agg: dict[str, Any]) -> str:
     """e.g. 'ogbg-molbbbp gin: test rocauc 0.6823 ± 0.0151 (valid 0.9012 ± 0.0080), 3 seeds'."""
     n = agg["num_seeds"]
-    return (f"{dataset} {model}: test {metric} {agg['test_mean']:.4f} ± {agg['test_std']:.4f} "
-            f"(valid {agg['valid_mean']:.4f} ± {agg['valid_std']:.4f}), {n} seed{'s' * (n != 1)}")
+    test, valid = (mean_std_text(agg[f"{k}_mean"], agg[f"{k}_std"], n, 4) for k in ("test", "valid"))
+    return f"{dataset} {model}: test {metric} {test} (valid {valid}), {n} seed{'s' * (n != 1)}"
