@@ -228,10 +228,22 @@ _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 OGB_MASTER_CSV = Path(importlib.util.find_spec("ogb").origin).parent / "graphproppred" / "master.csv"
 
 
+@functools.cache
 def ogb_molecular_datasets() -> list[str]:
     """The ogbg-mol* names in OGB's registry."""
     with OGB_MASTER_CSV.open() as f:
         return [name for name in next(csv.reader(f)) if name.startswith("ogbg-mol")]
+
+
+def unknown_dataset_error(name: str) -> str | None:
+    """Why ``name`` is not a dataset of OGB's molecular registry (naming the closest one), or None."""
+    known = ogb_molecular_datasets()
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean dataset.name={close[0]}? " if close else ""
+    return (f"dataset.name={name!r} is not one of OGB's molecular datasets; {hint}Choose one of "
+            f"{', '.join(known)}.")
 
 
 def config_error(err: Exception) -> ConfigError:
@@ -258,6 +270,8 @@ def config_error(err: Exception) -> ConfigError:
         return ConfigError(" ".join(str(err).split()))
     where, problem = cause.full_key, str(cause.msg).splitlines()[0]
     if isinstance(cause, ConfigKeyError | ConfigAttributeError):
+        if where.startswith(("hydra.launcher.", "hydra.sweeper.")):
+            return ConfigError(plugin_key_error(where))
         known = valid_keys()
         close = difflib.get_close_matches(where, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -274,6 +288,30 @@ def config_error(err: Exception) -> ConfigError:
         return ConfigError(f"{where}={cause.value!r} is not {wanted}; give a list of integer "
                            "seeds, e.g. 'seeds=[0,1,2]' (quoted in the shell).")
     return ConfigError(f"Invalid config at '{where}': {problem.rstrip('.')}.")
+
+
+# Our choice that selects each Hydra launcher or sweeper plugin (configs/hydra/launcher/*.yaml,
+# configs/hparams_search/*.yaml).
+PLUGIN_CHOICES = {"joblib": "hydra/launcher=parallel", "submitit_slurm": "hydra/launcher=slurm",
+                  "submitit_local": "hydra/launcher=slurm_local",
+                  "optuna": "hparams_search=gmoe_optuna"}
+
+
+def plugin_key_error(where: str) -> str:
+    """Why ``hydra.launcher.<key>`` / ``hydra.sweeper.<key>`` is unknown: a key of a launcher or
+    sweeper not chosen (naming the choice that has it), or a misspelling (naming the closest key)."""
+    kind, _, key = where.removeprefix("hydra.").partition(".")
+    plugins = ConfigStore.instance().repo["hydra"][kind]  # the plugins' own configs
+    keys = {name.removesuffix(".yaml"): set(node.node) for name, node in plugins.items()
+            if hasattr(node, "node")}
+    having = [PLUGIN_CHOICES[name] for name, names in sorted(keys.items())
+              if key in names and name in PLUGIN_CHOICES]
+    if having:
+        return (f"'{where}' is not a key of the {kind} this command uses; choose the {kind} that has "
+                f"it first: {' or '.join(having)}.")
+    close = difflib.get_close_matches(key, sorted(set().union(*keys.values())), n=1)
+    hint = f"; did you mean hydra.{kind}.{close[0]}?" if close else "."
+    return f"'{where}' is not a key of any {kind} gmoe-train offers{hint}"
 
 
 @functools.cache
@@ -318,9 +356,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
             raise ConfigError(problem)
 
     d, moe, t = typed.dataset, typed.moe, typed.trainer
-    _require(d.name.startswith("ogbg-mol"),
-             f"dataset.name={d.name!r} is not an OGB molecular dataset; use one of the ogbg-mol* "
-             "names (ogbg-molhiv, ogbg-molbbbp, ogbg-moltox21, ...).")
+    if problem := unknown_dataset_error(d.name):  # a typo fails here, not when its job loads data
+        raise ConfigError(problem)
     if moe.enabled:
         _require(1 <= moe.top_k <= moe.num_experts,
                  f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}.")

@@ -90,25 +90,34 @@ def job_command() -> str:
 
 
 def keep_earlier_summary(path: Path, typed: TrainConfig, fingerprint: str) -> None:
-    """Move an earlier summary.json in this output folder aside (``summary.json.replaced-<time>``)
-    unless this run re-runs it: the same computation on the same data, its seeds among ours.
+    """Keep an earlier summary.json in this output folder that this run does not re-run (the same
+    computation on the same data, its seeds among ours). One of the same computation on other seeds
+    moves to ``earlier.replaced-<time>/summary.json``, where gmoe-report still merges its seeds;
+    another run's becomes ``summary.json.replaced-<time>``, which no report reads.
 
-    A reused ``hydra.run.dir`` or sweep job folder (job folders are named without the seeds)
-    would otherwise lose the earlier run's report entry."""
+    A reused ``hydra.run.dir`` or sweep job folder (job folders are named without the seeds, so a
+    sweep of new seeds into an earlier sweep's folder reuses them) would otherwise lose it."""
     if not path.is_file():
         return
     try:
         earlier = json.loads(path.read_text())
         seeds = {entry["seed"] for entry in earlier["seeds"] + earlier["failed_seeds"]}
-        rerun = (config_identity(earlier["config"]) == config_identity(typed)
-                 and earlier["data"]["fingerprint"] == fingerprint and seeds <= set(typed.seeds))
+        same = (config_identity(earlier["config"]) == config_identity(typed)
+                and earlier["data"]["fingerprint"] == fingerprint)
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError, UserError):
-        rerun = False  # not a summary we can read: kept all the same
-    if not rerun:
+        same, seeds = False, set()  # not a summary we can read: kept all the same
+    if same and seeds <= set(typed.seeds):
+        return  # this run re-runs it
+    if same:
+        folder = aside_name(path.parent / "earlier", "replaced")
+        folder.mkdir()
+        aside = folder / path.name
+        why = "other seeds of this configuration; gmoe-report merges them from there"
+    else:
         aside = aside_name(path, "replaced")
-        path.rename(aside)
-        log.warning("%s held another run's results (another config, data or seeds); kept as %s.",
-                    path, aside)
+        why = "another run's results: another config or data"
+    path.rename(aside)
+    log.warning("%s held %s; moved to %s.", path, why, aside)
 
 
 def save_summary(summary: dict[str, Any], path: Path, start: float, seeds: list[int]) -> None:

@@ -74,9 +74,12 @@ def cli_env(mirror: Path | None, data_root: Path) -> dict[str, str]:
 
 
 def cli_args(overrides: tuple[str, ...], cwd: Path) -> list[str]:
-    """gmoe-train's arguments: Hydra's flags (-m, --help) first, output in ``cwd/run``."""
+    """gmoe-train's arguments: Hydra's flags (-m, --help) first, a single run's output in
+    ``cwd/run`` (a sweep names its own hydra.sweep.dir: a sweep refuses hydra.run.dir)."""
     flags = [o for o in overrides if o.startswith("-")]
-    return [*flags, f"hydra.run.dir={cwd / 'run'}", "trainer.progress=false",
+    sweep = "-m" in flags or any(o.startswith(("hydra.sweep.dir=", "hydra.run.dir="))
+                                 for o in overrides)
+    return [*flags, *([] if sweep else [f"hydra.run.dir={cwd / 'run'}"]), "trainer.progress=false",
             *(o for o in overrides if not o.startswith("-"))]
 
 

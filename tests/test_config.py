@@ -75,7 +75,11 @@ def test_gmoe_group_and_overrides() -> None:
     (["model=gat"], r"model=gat is not one of the model configs \(gcn, gin\)"),
     (["model.pooling=min"], "model.pooling='min' is not one of mean, sum, max"),
     (["trainer.lr=-0.001"], "trainer.lr=-0.001 must be a positive"),
-    (["dataset.name=cora"], "not an OGB molecular dataset"),
+    (["dataset.name=cora"], "dataset.name='cora' is not one of OGB's molecular datasets; Choose one "
+                            "of ogbg-molbace, "),
+    # a typo fails when the config is checked (every sweep job before the first), not at data loading
+    (["dataset.name=ogbg-molbbp"], "is not one of OGB's molecular datasets; did you mean "
+                                   r"dataset.name=ogbg-molbbbp\?"),
     (["+moe.topk=2"], "Valid keys are: .*moe.top_k"),
     (["trainer.epochs=ten"], r"trainer.epochs='ten' is not an integer; e.g. trainer.epochs=100"),
     (["moe.topk=2"], "Unknown config key 'moe.topk'. Did you mean 'moe.top_k'?"),

@@ -28,6 +28,7 @@ from gmoe_bench.engine.loop import evaluate, train_epoch
 from gmoe_bench.errors import DataError, TrainingError, UserError
 from gmoe_bench.model import build_model
 from gmoe_bench.records import write_json_atomic
+from gmoe_bench.reports.table import collect
 from gmoe_bench.train import train
 from tests.conftest import REPO, cli_args, cli_env, run_cli, write_small_dataset
 from tests.test_data import dataset_cfg
@@ -214,12 +215,17 @@ def test_a_reused_output_folder_keeps_the_earlier_runs_summary(small_mirror: Pat
     train(compose_cfg(tmp_path, small_mirror, "seeds=[3]", "trainer.epochs=1"), tmp_path / "run")
     train(compose_cfg(tmp_path, small_mirror, "seeds=[3]", "trainer.epochs=1", "model=gin"),
           tmp_path / "run")
-    aside = sorted((tmp_path / "run").glob("summary.json.replaced-*"))
-    assert len(aside) == 2
-    kept = [json.loads(p.read_text()) for p in aside]
-    assert sorted(tuple(s["seed"] for s in k["seeds"]) for k in kept) == [(0, 1, 2), (3,)]
+    # other seeds of the same configuration where gmoe-report merges them; another run's
+    # results (the GCN seed 3 under the GIN run) under a name no report reads
+    (merged,) = (tmp_path / "run").glob("earlier.replaced-*/summary.json")
+    (other,) = (tmp_path / "run").glob("summary.json.replaced-*")
+    assert [s["seed"] for s in json.loads(merged.read_text())["seeds"]] == [0, 1, 2]
+    assert [s["seed"] for s in json.loads(other.read_text())["seeds"]] == [3]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["model"] == "gin"
-    assert json.loads(first)["seeds"][0] == next(k for k in kept if len(k["seeds"]) == 3)["seeds"][0]
+    assert json.loads(first)["seeds"][0] == json.loads(merged.read_text())["seeds"][0]
+    rows = {r.config["model"]["backbone"]: sorted(s["seed"] for s in r.seeds)
+            for r in collect([tmp_path / "run"])}
+    assert rows == {"gcn": [0, 1, 2], "gin": [3]}
 
 
 def test_finished_seeds_are_skipped_on_rerun(small_mirror: Path, tmp_path: Path) -> None:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from gmoe_bench.config import CONFIG_DIR
 from gmoe_bench.reports.cli import main as report_main
 from gmoe_bench.reports.table import collect
-from tests.conftest import cli_env, run_cli
+from gmoe_bench.sweep_check import CheckSweepJobs
+from tests.conftest import REPO, cli_env, run_cli
 
 # A small network: the sweep tests are about launchers, folders and reports, not the model.
 SMALL = ("model.hidden_dim=32", "model.num_layers=2")
@@ -82,9 +92,89 @@ def test_a_bad_job_fails_the_sweep_before_any_job_runs(small_mirror: Path, tmp_p
                    f"trainer.checkpoint_dir={tmp_path}/ckpt/${{hydra:job.num}}", cwd=tmp_path,
                    mirror=small_mirror, data_root=tmp_path / "data")
     assert proc.returncode == 2
-    assert "gmoe-train: error: in the sweep job '" in proc.stderr and " moe.top_k=3 " in proc.stderr
-    assert "': moe.top_k=3 must be between 1 and moe.num_experts=2. No job was run." in proc.stderr
+    # the job named by its own sweep value, not the overrides every job shares
+    assert ("gmoe-train: error: in the sweep job 'moe.top_k=3': moe.top_k=3 must be between 1 and "
+            "moe.num_experts=2. No job was run.") in proc.stderr
     assert not out.exists() and not (tmp_path / "data").exists()
+
+
+def refused(tmp_path: Path, mirror: Path, *overrides: str) -> str:
+    """gmoe-train's one-line error for a sweep it refuses before any job runs (nothing trained)."""
+    proc = run_cli(*overrides, "logger=none", "trainer.cpu_threads=1", *SMALL, cwd=tmp_path,
+                   mirror=mirror, data_root=tmp_path / "data")
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "data").exists() and not list(tmp_path.rglob("summary.json"))
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("gmoe-train: error:")]
+    return line
+
+
+def test_a_dataset_missing_from_the_mirror_fails_the_sweep_at_once(small_mirror: Path,
+                                                                     tmp_path: Path) -> None:
+    # the small mirror holds ogbg-molbbbp only: job 1's dataset, not job 0's training, fails first
+    line = refused(tmp_path, small_mirror, "-m", f"hydra.sweep.dir={tmp_path / 's'}",
+                   "dataset=ogbg-molbbbp,ogbg-molbace")
+    assert "in the sweep job 'dataset=ogbg-molbace': " in line
+    assert f"The data mirror {small_mirror} has no folder 'ogbg_molbace'" in line
+    line = refused(tmp_path, small_mirror, "-m", f"hydra.sweep.dir={tmp_path / 's'}",
+                   "dataset.name=ogbg-molbbbp,ogbg-molbbp")
+    assert "did you mean dataset.name=ogbg-molbbbp?" in line
+
+
+def test_the_other_modes_output_folder_is_refused(small_mirror: Path, tmp_path: Path) -> None:
+    # Hydra reads hydra.run.dir only in a single run, hydra.sweep.dir only in a sweep
+    line = refused(tmp_path, small_mirror, "+experiment=paper_baselines",
+                   f"hydra.run.dir={tmp_path / 'mine'}")
+    assert f"give hydra.sweep.dir={tmp_path / 'mine'} instead" in line
+    line = refused(tmp_path, small_mirror, f"hydra.sweep.dir={tmp_path / 'mine'}")
+    assert f"give hydra.run.dir={tmp_path / 'mine'} instead, or add -m" in line
+    assert not (tmp_path / "mine").exists()
+
+
+def test_a_search_refuses_a_choice_it_would_override(small_mirror: Path, tmp_path: Path) -> None:
+    line = refused(tmp_path, small_mirror, "hparams_search=gmoe_optuna", "experts=n8_hop2",
+                   f"hydra.sweep.dir={tmp_path / 's'}")
+    assert ("experts=n8_hop2 sets moe.num_experts, moe.num_hop2, which the search "
+            "(hydra.sweeper.params) varies in every trial, so it would have no effect") in line
+    assert "(moe.num_experts=8 moe.num_hop2=8)" in line
+
+
+def test_jobs_that_compute_the_same_run_are_refused(small_mirror: Path, tmp_path: Path) -> None:
+    # k without experts: three jobs of one plain GCN, sharing its checkpoints (at once in parallel)
+    line = refused(tmp_path, small_mirror, "-m", "hydra/launcher=parallel",
+                   f"hydra.sweep.dir={tmp_path / 's'}", "moe.top_k=1,2,4", "seeds=[0]")
+    assert ("the sweep jobs #0 'moe.top_k=1' and #1 'moe.top_k=2' train the same configuration on "
+            "seeds [0] (moe.top_k=2 has no effect") in line
+    assert "add moe=gmoe to sweep GMoE" in line
+    # a repeated seed two jobs apart, a job of other seeds between them
+    line = refused(tmp_path, small_mirror, "-m", f"hydra.sweep.dir={tmp_path / 's'}",
+                   "seeds=[0,1],[2],[1]")
+    assert "the sweep jobs #0 'seeds=[0,1]' and #2 'seeds=[1]' train the same configuration on " \
+           "seeds [1]; drop the repeated value" in line
+
+
+def test_slurm_without_slurm_is_one_sentence(small_mirror: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun on it
+    line = refused(tmp_path, small_mirror, "-m", "hydra/launcher=slurm",
+                   f"hydra.sweep.dir={tmp_path / 's'}", "seeds=[0]")
+    assert line == ("gmoe-train: error: hydra/launcher=slurm submits to SLURM, but this machine has "
+                    "no srun; start the sweep on the cluster's login node, or try it here with "
+                    "hydra/launcher=slurm_local.")
+
+
+def test_a_launcher_or_sweeper_key_names_the_choice_that_has_it(small_mirror: Path,
+                                                                 tmp_path: Path) -> None:
+    line = refused(tmp_path, small_mirror, "-m", "hydra.launcher.n_jobs=2",
+                   f"hydra.sweep.dir={tmp_path / 's'}")
+    assert line == ("gmoe-train: error: 'hydra.launcher.n_jobs' is not a key of the launcher this "
+                    "command uses; choose the launcher that has it first: hydra/launcher=parallel.")
+    line = refused(tmp_path, small_mirror, "hydra.sweeper.n_trials=5")
+    assert line.endswith("choose the sweeper that has it first: hparams_search=gmoe_optuna.")
+    # a misspelling of the chosen launcher's key names the key, not another launcher
+    line = refused(tmp_path, small_mirror, "-m", "hydra/launcher=parallel", "hydra.launcher.n_job=2",
+                   f"hydra.sweep.dir={tmp_path / 's'}")
+    assert line == ("gmoe-train: error: 'hydra.launcher.n_job' is not a key of any launcher "
+                    "gmoe-train offers; did you mean hydra.launcher.n_jobs?")
 
 
 def test_seeds_spread_over_jobs_are_merged(small_mirror: Path, tmp_path: Path) -> None:
@@ -108,8 +198,10 @@ FAST = ("trainer.epochs=1", "trainer.cpu_threads=1", "model.hidden_dim=16", "mod
 
 def test_optuna_search_without_dash_m(small_mirror: Path, tmp_path: Path) -> None:
     out = tmp_path / "search"
-    proc = run_cli("hparams_search=gmoe_optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={out}",
-                   *FAST, cwd=tmp_path, mirror=small_mirror, data_root=tmp_path / "data")
+    # moe=gmoe, which the search's config chooses itself, is no conflict with it
+    proc = run_cli("hparams_search=gmoe_optuna", "moe=gmoe", "hydra.sweeper.n_trials=3",
+                   f"hydra.sweep.dir={out}", *FAST, cwd=tmp_path, mirror=small_mirror,
+                   data_root=tmp_path / "data")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
     assert len(trials) == 3 and all(t["config"]["moe"]["num_experts"] in (4, 8) for t in trials)
@@ -182,3 +274,35 @@ def test_make_reproduce_official_ablation_changes_one_setting_per_run(
     assert changed == {"no_drop": [("dataset", "drop_node_p")], "sum": [("moe", "combine")],
                        "sparse": [("moe", "dispatch")]}
     assert (tmp_path / "results/official_ablation_30ep/table.md").exists()
+
+
+def documented_sweeps() -> list[str]:
+    """Every complete ``gmoe-train -m`` example of the launcher configs' comments and the docs, and
+    every experiment's grid."""
+    sources = [*(REPO / "gmoe_bench" / "configs" / "hydra" / "launcher").glob("*.yaml"),
+               REPO / "docs" / "sweeps.md", REPO / "README.md"]
+    lines = [line.strip().lstrip("#").split("  #")[0].strip()
+             for path in sources for line in path.read_text().splitlines()]
+    experiments = [f"gmoe-train -m +experiment={path.stem}"
+                   for path in (REPO / "gmoe_bench" / "configs" / "experiment").glob("*.yaml")]
+    return sorted({line for line in lines if line.startswith("gmoe-train -m ") and "..." not in line}
+                  | set(experiments))
+
+
+@pytest.mark.parametrize("command", documented_sweeps())
+def test_documented_sweeps_pass_the_pre_check(command: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # a documented example that trains one configuration several times (k without moe=gmoe) once
+    # sat in the launcher configs; each is composed and checked as gmoe-train checks it
+    monkeypatch.delenv("GMOE_DATA_MIRROR", raising=False)  # no mirror: any dataset may download
+    (tmp_path / "srun").touch(mode=0o755)  # as on a SLURM login node (the sweep is not launched)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    overrides = [arg for arg in shlex.split(command)[1:] if arg != "-m"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        # the sweep's master config, as gmoe-train -m composes it
+        cfg = GlobalHydra.instance().config_loader().load_configuration(
+            config_name="train", overrides=overrides, run_mode=RunMode.MULTIRUN)
+        monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored after the test
+        HydraConfig.instance().set_config(cfg)
+        CheckSweepJobs().on_multirun_start(cfg, config_name="train")  # exits 2 on a refusal

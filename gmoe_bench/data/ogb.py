@@ -38,7 +38,7 @@ from ogb.utils.features import get_atom_feature_dims, get_bond_feature_dims
 from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
 from torch_geometric.data.storage import GlobalStorage
 
-from gmoe_bench.config import OGB_MASTER_CSV, DatasetConfig, ogb_molecular_datasets
+from gmoe_bench.config import OGB_MASTER_CSV, DatasetConfig, unknown_dataset_error
 from gmoe_bench.errors import DataError
 from gmoe_bench.output_dirs import aside_name
 
@@ -70,10 +70,8 @@ class MolDataset:
 
 def ogb_meta(name: str) -> pd.Series:
     """OGB's registry entry for ``name``; a DataError listing the valid names if unknown."""
-    known = ogb_molecular_datasets()
-    if name not in known:
-        raise DataError(f"Unknown dataset '{name}'. OGB's molecular datasets are: "
-                        f"{', '.join(known)}. Choose one with dataset.name=... .")
+    if problem := unknown_dataset_error(name):
+        raise DataError(problem)
     return pd.read_csv(OGB_MASTER_CSV, index_col=0, keep_default_na=False)[name]
 
 
@@ -400,11 +398,7 @@ def _prepare(cfg: DatasetConfig, meta: pd.Series, root: Path, folder: Path,
         if mirror is None:
             graphs = _download(cfg, meta, root, folder)
             return graphs, data_fingerprint(folder, meta)
-        if not mirror.is_dir():
-            raise DataError(f"The data mirror {mirror.parent} has no folder '{folder.name}' for "
-                            f"{cfg.name}. Put the extracted OGB folder there, point "
-                            "dataset.mirror / GMOE_DATA_MIRROR at a folder that has it, or set "
-                            "dataset.mirror=null to let ogb download it.")
+        check_source(cfg)
         _copy_from_mirror(mirror, meta, folder)  # checks the raw files of its copy
         copied = True
     fingerprint = data_fingerprint(folder, meta)
@@ -428,6 +422,20 @@ def _prepare(cfg: DatasetConfig, meta: pd.Series, root: Path, folder: Path,
     except Exception as err:
         raise _processing_error(cfg.name, folder, err) from err
     return graphs, fingerprint
+
+
+def check_source(cfg: DatasetConfig) -> None:
+    """A DataError, reading no data, when ``cfg.name`` is neither in ``cfg.root`` nor in the mirror
+    it names (with no mirror, ogb downloads it): a sweep checks every job's dataset before any trains."""
+    folder = Path(cfg.root).expanduser().resolve() / folder_name(cfg.name)
+    if folder.exists() or not cfg.mirror:
+        return
+    mirror = Path(cfg.mirror).expanduser().resolve()
+    if not (mirror / folder.name).is_dir():
+        raise DataError(f"The data mirror {mirror} has no folder '{folder.name}' for {cfg.name}. "
+                        "Put the extracted OGB folder there, point dataset.mirror / "
+                        "GMOE_DATA_MIRROR at a folder that has it, or set dataset.mirror=null to "
+                        "let ogb download it.")
 
 
 def load_dataset(cfg: DatasetConfig) -> MolDataset:
