@@ -118,6 +118,9 @@ def test_help_lists_the_config_groups(tmp_path: Path) -> None:
                   "moe: gmoe, none", "trainer: default", "logger: none, wandb", "preset: official",
                   "hparams_search: gmoe_optuna"):
         assert group in proc.stdout
+    # the groups outside the defaults, and the launchers, which Hydra's own list leaves out
+    assert "add them with a +\n(+experiment=paper_molbbbp, +capacity=gcn_wide)" in proc.stdout
+    assert "hydra/launcher=parallel (n_jobs on this machine), slurm or slurm_local" in proc.stdout
 
 
 @pytest.mark.real_data
