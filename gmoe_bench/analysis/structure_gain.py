@@ -20,9 +20,10 @@ The paper's second open question, across datasets. For every dataset this joins 
   backbone analysed (``gmoe-routing``'s ``routing_structure.json``).
 
 Spearman's rank correlation of heterogeneity with the gain (and with V) is given per backbone once
-at least :data:`MIN_DATASETS` datasets have one, with its exact permutation p-value (over all
-orderings: the asymptotic one is wrong for a handful of datasets; above 9 datasets over 99,999
-seeded random orderings). Below that a correlation says
+at least :data:`MIN_DATASETS` datasets have one from a finished GMoE row (a row with fewer seeds
+than its backbone, one still training, is shown but left out of the correlation and named), with
+its exact permutation p-value (over all orderings: the asymptotic one is wrong for a handful of
+datasets; above 9 datasets over 99,999 seeded random orderings). Below that a correlation says
 nothing, and the report says so instead.
 
     gmoe-structure-gain results/analysis_heterogeneity/table.csv \
@@ -36,7 +37,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -117,13 +118,16 @@ class Correlation:
     p_value: float | None
     datasets: int
     reason: str = ""
+    left_out: str = ""  # the rows still training, for the report
 
     def text(self) -> str:
         """One clause for the report."""
+        tail = f"; {self.left_out} left out, GMoE seeds still missing" if self.left_out else ""
         if self.rho is None:
-            return f"no correlation stated: {self.reason}"
+            return f"no correlation stated: {self.reason}{tail}"
         kind = "exact" if self.datasets <= EXACT_UP_TO else f"{RESAMPLES:,} permutations"
-        return f"Spearman ρ = {self.rho:+.2f} ({kind} p = {self.p_value:.2f}, {self.datasets} datasets)"
+        return (f"Spearman ρ = {self.rho:+.2f} ({kind} p = {self.p_value:.2f}, "
+                f"{self.datasets} datasets{tail})")
 
 
 def correlation(x: list[float], y: list[float]) -> Correlation:
@@ -170,6 +174,7 @@ def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, st
             "dataset": dataset, "heterogeneity": float(level[dataset]), "backbone": backbone,
             "gmoe_row": gain.gmoe.label, "metric": gain.gmoe.metric,
             "seeds": f"{len(gain.gmoe.seeds)} / {len(gain.backbone.seeds)}",
+            "finished": len(gain.gmoe.seeds) >= len(gain.backbone.seeds),
             "difference": d.estimate,
             "interval_low": d.low if d.defined else math.nan,
             "interval_high": d.high if d.defined else math.nan,
@@ -183,12 +188,18 @@ def structure_gain_table(heterogeneity: pd.DataFrame, chosen: dict[tuple[str, st
 
 
 def correlations(table: pd.DataFrame) -> dict[str, dict[str, Correlation]]:
-    """Per backbone: heterogeneity against the relative gain and against Cramér's V."""
+    """Per backbone: heterogeneity against the relative gain and against Cramér's V, over the
+    datasets whose GMoE row has all its backbone's seeds (a partial mean would rank as if final)."""
     out = {}
     for backbone, rows in table.groupby("backbone"):
+        training = rows[~rows["finished"]]
+        left_out = ", ".join(f"{r.dataset} ({r.seeds} seeds)"
+                             for r in training.itertuples(index=False))
+        rows = rows[rows["finished"]]
         out[str(backbone)] = {
-            "gain": correlation(rows["heterogeneity"].tolist(), rows["relative_gain_pct"].tolist()),
-            "cramers_v": correlation(rows["heterogeneity"].tolist(), rows["cramers_v"].tolist())}
+            key: replace(correlation(rows["heterogeneity"].tolist(), rows[column].tolist()),
+                         left_out=left_out)
+            for key, column in (("gain", "relative_gain_pct"), ("cramers_v", "cramers_v"))}
     return out
 
 
@@ -215,18 +226,23 @@ def markdown(table: pd.DataFrame, found: dict[str, dict[str, Correlation]]) -> s
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    """Heterogeneity against the relative gain, and against Cramér's V where measured."""
+    """Heterogeneity against the relative gain, and against Cramér's V where measured; rows still
+    training are hollow and name their seeds."""
     has_v = table["cramers_v"].notna().any()
     fig, axes = plt.subplots(1, 2 if has_v else 1, figsize=(10 if has_v else 5.5, 4), squeeze=False)
     for backbone, rows in table.groupby("backbone"):
         for ax, column in zip(axes[0], ("relative_gain_pct", "cramers_v"), strict=False):
-            ax.scatter(rows["heterogeneity"], rows[column], label=str(backbone).upper())
+            done = ax.scatter(rows["heterogeneity"][rows["finished"]],
+                              rows[column][rows["finished"]], label=str(backbone).upper())
+            ax.scatter(rows["heterogeneity"][~rows["finished"]], rows[column][~rows["finished"]],
+                       facecolors="none", edgecolors=done.get_facecolor())
             for r in rows.itertuples(index=False):
-                ax.annotate(r.dataset.removeprefix("ogbg-mol"),
+                name = r.dataset.removeprefix("ogbg-mol")
+                ax.annotate(name if r.finished else f"{name} ({r.seeds} seeds)",
                             (r.heterogeneity, getattr(r, column)), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
     axes[0][0].axhline(0.0, color="grey", linewidth=0.8)
-    axes[0][0].set_ylabel("GMoE's gain over its backbone (% of the backbone, > 0: better)")
+    axes[0][0].set_ylabel("GMoE − backbone, % of the backbone (> 0: better)")
     if has_v:
         axes[0][1].set_ylabel("Cramér's V of routing against atom structure")
     for ax in axes[0]:
