@@ -15,6 +15,7 @@ from gmoe_bench.reports.stats import difference_interval, mean_interval
 from gmoe_bench.reports.table import (
     ConfigResult,
     collect,
+    entropy_curve,
     gain_table,
     gains,
     latex_table,
@@ -128,6 +129,12 @@ def write_run(folder: Path, moe: dict, tests: list[float], hidden: int) -> None:
 def test_a_report_is_rebuilt_from_its_digest_alone(tmp_path: Path) -> None:
     write_run(tmp_path / "runs" / "gcn", PLAIN, [0.68, 0.69, 0.70], hidden=300)
     write_run(tmp_path / "runs" / "gmoe", GMOE, [0.70, 0.72, 0.71], hidden=150)
+    # the first epoch routes onto 2 of the 8 experts: entropy log 2 / log 8, then 1
+    summary_path = tmp_path / "runs" / "gmoe" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    for seed in summary["seeds"]:
+        seed["epochs"][0]["routing"] = [[0.5, 0.5] + [0.0] * 6] * 2
+    summary_path.write_text(json.dumps(summary))
     assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "first")]) == 0
     assert report_main([str(tmp_path / "first" / "digest.json"), "--out",
                         str(tmp_path / "again")]) == 0
@@ -135,8 +142,24 @@ def test_a_report_is_rebuilt_from_its_digest_alone(tmp_path: Path) -> None:
     for name in ("table.md", "table.csv", "table.tex", "details.md", "paper.md", "digest.json"):
         assert (again / name).read_text() == (first / name).read_text(), name
     assert "| +2.00 |" in (again / "table.md").read_text()  # the gain section survives
-    # a digest keeps the routing of the best epoch only: no entropy curves from it, and no crash
-    assert (first / "routing_entropy.png").exists() and not (again / "routing_entropy.png").exists()
+    # a digest keeps the routing shares of the best epoch and the entropy of every epoch: the
+    # entropy plot is redrawn from the same curves (to the digest's 4 decimals)
+    assert (first / "routing_entropy.png").exists() and (again / "routing_entropy.png").exists()
+    from_runs, from_digest = ([entropy_curve(s) for r in collect([source]) if r.is_gmoe
+                               for s in r.seeds]
+                              for source in (tmp_path / "runs", again / "digest.json"))
+    assert np.allclose(from_digest, [[math.log(2) / math.log(8), 1.0, 1.0]] * 3, atol=1e-4)
+    assert np.allclose(from_digest, from_runs, atol=1e-4)
+    # a digest written before it kept the curve still reports, without the entropy plot
+    old = json.loads((first / "digest.json").read_text())
+    for entry in old:
+        for seed in entry["seeds"]:
+            seed.pop("routing_entropy_curve", None)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "digest.json").write_text(json.dumps(old))
+    assert report_main([str(tmp_path / "old" / "digest.json"), "--out",
+                        str(tmp_path / "from_old")]) == 0
+    assert not (tmp_path / "from_old" / "routing_entropy.png").exists()
     # the routing heat map is of the best epoch (2 of 3 here), which the digest keeps
     assert (again / "routing.png").read_bytes()[:4] == b"\x89PNG"
     [merged] = [r for r in collect([again / "digest.json"]) if r.is_gmoe]

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from gmoe_bench.reports.table import ConfigResult, routing_entropy
+from gmoe_bench.reports.table import ConfigResult, entropy_curve
 
 
 def metric_per_config(results: list[ConfigResult], path: Path) -> None:
@@ -97,17 +97,16 @@ def entropy_curves(results: list[ConfigResult], path: Path) -> bool:
     """Routing entropy (mean over layers and seeds) per epoch, one line per GMoE configuration:
     a falling line is the gate collapsing onto fewer experts. False (no file) without GMoE whose
     shares the gate leaves free."""
-    # every epoch's routing is needed (a report rebuilt from a digest has only the best epoch's)
-    moe = [r for r in results if not r.shares_fixed
-           and all(e["routing"] for s in r.seeds for e in s["epochs"])]
+    # every seed needs every epoch's entropy (digests written before they kept it have none)
+    moe = [(r, curves) for r in results if not r.shares_fixed
+           and None not in (curves := [entropy_curve(s) for s in r.seeds])]
     if not moe:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in moe:
-        length = min(len(s["epochs"]) for s in r.seeds)
-        curves = np.array([[routing_entropy(e["routing"]) for e in s["epochs"][:length]]
-                           for s in r.seeds])
-        ax.plot(np.arange(1, length + 1), curves.mean(0), label=f"{r.dataset} {r.label}")
+    for r, curves in moe:
+        length = min(len(c) for c in curves)
+        mean = np.array([c[:length] for c in curves]).mean(0)
+        ax.plot(np.arange(1, length + 1), mean, label=f"{r.dataset} {r.label}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("routing entropy (1 = uniform over experts)")
     ax.set_ylim(0, 1.02)

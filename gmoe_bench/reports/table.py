@@ -139,19 +139,26 @@ def read_summary(path: Path) -> dict[str, Any] | None:
 
 def read_digest(path: Path) -> list[dict[str, Any]]:
     """The configurations of a committed ``digest.json`` in summary form, each seed's epochs
-    rebuilt from its curves (routing only at the best epoch: the digest keeps no more); ``[]``,
-    with a warning naming the file, when it is not a gmoe-report digest."""
+    rebuilt from its curves (routing shares only at the best epoch, routing entropy at every
+    epoch where the digest keeps it); ``[]``, with a warning naming the file, when it is not a
+    gmoe-report digest."""
+
+    def epochs(seed: dict[str, Any]) -> list[dict[str, Any]]:
+        rebuilt = [{"epoch": i, "valid": valid, "test": test,
+                    "routing": seed["routing_at_best"] if i == seed["best_epoch"] else []}
+                   for i, (valid, test) in enumerate(
+                       zip(seed["valid_curve"], seed["test_curve"], strict=True), 1)]
+        for epoch, entropy in zip(rebuilt, seed.get("routing_entropy_curve") or [], strict=False):
+            epoch["routing_entropy"] = entropy
+        return rebuilt
+
     try:
         entries = json.loads(path.read_text())
         summaries = [{
             "dataset": e["dataset"], "model": e["model"], "metric": e["metric"],
             "config": e["config"], "data": {"fingerprint": e.get("fingerprint")}, "jobs": e["jobs"],
             "seeds": [{**{k: v for k, v in s.items() if not k.endswith(("_curve", "_at_best"))},
-                       "epochs": [{"epoch": i, "valid": valid, "test": test,
-                                   "routing": s["routing_at_best"] if i == s["best_epoch"] else []}
-                                  for i, (valid, test) in enumerate(
-                                      zip(s["valid_curve"], s["test_curve"], strict=True), 1)]}
-                      for s in e["seeds"]],
+                       "epochs": epochs(s)} for s in e["seeds"]],
         } for e in entries]
         for summary in summaries:
             _check_entry(summary)
@@ -457,6 +464,18 @@ def routing_entropy(shares: list[list[float]]) -> float:
     return float((-terms.sum(1) / np.log(p.shape[1])).mean())
 
 
+def entropy_curve(seed: dict[str, Any]) -> list[float] | None:
+    """The routing entropy of every epoch of one seed's record (a run's, or a digest's, which
+    keeps the curve, not the shares), or None where an epoch has no routing (plain backbones,
+    digests written before they kept the curve)."""
+    epochs = seed["epochs"]
+    if all("routing_entropy" in e for e in epochs):
+        return [e["routing_entropy"] for e in epochs]
+    if all(e["routing"] for e in epochs):
+        return [routing_entropy(e["routing"]) for e in epochs]
+    return None
+
+
 def load_cv_squared(shares: list[list[float]]) -> float:
     r"""CV² of expert load, :math:`\mathrm{Var}(p) / \mathrm{mean}(p)^2` over the experts (unbiased
     variance, as the load-balance loss), mean over layers.
@@ -511,16 +530,20 @@ def details_table(results: list[ConfigResult]) -> str:
 
 def digest(results: list[ConfigResult]) -> list[dict[str, Any]]:
     """What results/ keeps of the runs: per configuration its config and jobs, per seed the
-    figures, the validation/test curves (4 decimals) and the routing at the best epoch."""
+    figures, the validation/test curves (4 decimals), the routing at the best epoch and, for
+    GMoE, the routing entropy of every epoch (enough to redraw every plot)."""
     out = []
     for r in results:
-        seeds = [{
-            **{k: s.get(k) for k in ("seed", "best_epoch", "valid", "test", "wall_seconds",
-                                      "num_parameters", "commit")},
-            "valid_curve": [round(e["valid"], 4) for e in s["epochs"]],
-            "test_curve": [round(e["test"], 4) for e in s["epochs"]],
-            "routing_at_best": s["epochs"][s["best_epoch"] - 1]["routing"],
-        } for s in sorted(r.seeds, key=lambda s: s["seed"])]
+        seeds = []
+        for s in sorted(r.seeds, key=lambda s: s["seed"]):
+            seeds.append({
+                **{k: s.get(k) for k in ("seed", "best_epoch", "valid", "test", "wall_seconds",
+                                          "num_parameters", "commit")},
+                "valid_curve": [round(e["valid"], 4) for e in s["epochs"]],
+                "test_curve": [round(e["test"], 4) for e in s["epochs"]],
+                "routing_at_best": s["epochs"][s["best_epoch"] - 1]["routing"]})
+            if r.is_gmoe and (entropy := entropy_curve(s)) is not None:
+                seeds[-1]["routing_entropy_curve"] = [round(h, 4) for h in entropy]
         out.append({"label": r.label, "dataset": r.dataset, "model": r.model, "metric": r.metric,
                     "config": r.config, "fingerprint": r.fingerprint, "jobs": r.jobs,
                     "seeds": seeds})
