@@ -285,6 +285,18 @@ def test_a_digest_beside_its_own_run_folders_lists_each_job_once(tmp_path: Path)
     assert len(merged.seeds) == 2 and len(merged.jobs) == 1
 
 
+def test_a_seed_in_a_digest_and_a_run_folder_is_taken_from_the_folder(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # the digest's folder sorts before the runs' ("a" < "b"): the order of paths must not decide
+    write_run(tmp_path / "b_runs" / "gmoe", GMOE, [0.70, 0.72], hidden=150)
+    assert report_main([str(tmp_path / "b_runs"), "--out", str(tmp_path / "a_report")]) == 0
+    digest_path = tmp_path / "a_report" / "digest.json"
+    (merged,) = collect([digest_path, tmp_path / "b_runs"])
+    # the folder's record has the routing of every epoch, the digest's only of the best
+    assert all(e["routing"] for s in merged.seeds for e in s["epochs"])
+    assert f"ignoring {digest_path}" in caplog.text
+
+
 def test_a_single_seed_shows_its_value_without_a_spread() -> None:
     """std over one seed is 0 by arithmetic, not because the run repeats: no "± 0.0000"."""
     from gmoe_bench.tracking.summary import aggregate, summary_line

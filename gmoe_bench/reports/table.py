@@ -172,9 +172,11 @@ def read_digest(path: Path) -> list[dict[str, Any]]:
 def collect(dirs: list[Path]) -> list[ConfigResult]:
     """All summary.json files under ``dirs`` (and any ``digest.json`` named on its own, so that a
     committed report can be rebuilt without its run folders), grouped by (dataset, configuration,
-    data content)."""
+    data content). A seed both in a run folder and in a digest is taken from the run folder, whose
+    record is whole (every epoch's routing)."""
     groups: dict[tuple[str, str, str | None], ConfigResult] = {}
-    paths = sorted({p for d in dirs for p in ([d] if d.is_file() else d.rglob(SUMMARY_FILE))})
+    paths = sorted({p for d in dirs for p in ([d] if d.is_file() else d.rglob(SUMMARY_FILE))},
+                   key=lambda p: (p.name == DIGEST_FILE, p))
     for path in paths:
         if path.name == DIGEST_FILE:
             summaries = read_digest(path)
