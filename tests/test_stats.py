@@ -287,13 +287,17 @@ def test_a_digest_beside_its_own_run_folders_lists_each_job_once(tmp_path: Path)
 
 def test_a_seed_in_a_digest_and_a_run_folder_is_taken_from_the_folder(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # the digest's folder sorts before the runs' ("a" < "b"): the order of paths must not decide
+    # the digest's folder sorts before the runs' ("0" < "a" < "b"): the order of paths decides the
+    # order of rows, not which copy of a seed is kept
+    write_run(tmp_path / "a_plain" / "gcn", PLAIN, [0.68, 0.69], hidden=300)
     write_run(tmp_path / "b_runs" / "gmoe", GMOE, [0.70, 0.72], hidden=150)
-    assert report_main([str(tmp_path / "b_runs"), "--out", str(tmp_path / "a_report")]) == 0
-    digest_path = tmp_path / "a_report" / "digest.json"
-    (merged,) = collect([digest_path, tmp_path / "b_runs"])
+    assert report_main([str(tmp_path / "a_plain"), str(tmp_path / "b_runs"), "--out",
+                        str(tmp_path / "0_report")]) == 0
+    digest_path = tmp_path / "0_report" / "digest.json"
+    plain, gmoe = collect([digest_path, tmp_path / "b_runs"])
+    assert not plain.is_gmoe and gmoe.is_gmoe  # the digest's row order
     # the folder's record has the routing of every epoch, the digest's only of the best
-    assert all(e["routing"] for s in merged.seeds for e in s["epochs"])
+    assert all(e["routing"] for s in gmoe.seeds for e in s["epochs"])
     assert f"ignoring {digest_path}" in caplog.text
 
 

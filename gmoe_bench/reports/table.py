@@ -174,36 +174,44 @@ def collect(dirs: list[Path]) -> list[ConfigResult]:
     committed report can be rebuilt without its run folders), grouped by (dataset, configuration,
     data content). A seed both in a run folder and in a digest is taken from the run folder, whose
     record is whole (every epoch's routing)."""
+    paths = sorted({p for d in dirs for p in ([d] if d.is_file() else d.rglob(SUMMARY_FILE))})
+    entries = [(path, summary) for path in paths for summary in _read(path)]
     groups: dict[tuple[str, str, str | None], ConfigResult] = {}
-    paths = sorted({p for d in dirs for p in ([d] if d.is_file() else d.rglob(SUMMARY_FILE))},
-                   key=lambda p: (p.name == DIGEST_FILE, p))
-    for path in paths:
-        if path.name == DIGEST_FILE:
-            summaries = read_digest(path)
-        else:
-            summary = read_summary(path)
-            summaries = [] if summary is None else [{
-                **summary, "jobs": [{"summary": str(path), "provenance": summary["provenance"],
-                                     "seeds": [s["seed"] for s in summary["seeds"]],
-                                     "wall_seconds": summary.get("wall_seconds")}]}]
-        for summary in summaries:
-            try:
-                _merge(groups, summary, path)
-            except ConfigError as err:  # another version's schema: one file never stops a report
-                log.warning("Skipping %s: its config is not one this gmoe-bench reads (%s).",
-                            path, err)
-    results = [g for g in groups.values() if g.seeds]
+    first_entry: dict[tuple[str, str, str | None], int] = {}
+    # run folders merge before digests (their seeds win); rows keep the order of the paths
+    for i in sorted(range(len(entries)), key=lambda i: entries[i][0].name == DIGEST_FILE):
+        path, summary = entries[i]
+        try:
+            key = _merge(groups, summary, path)
+        except ConfigError as err:  # another version's schema: one file never stops a report
+            log.warning("Skipping %s: its config is not one this gmoe-bench reads (%s).",
+                        path, err)
+            continue
+        first_entry[key] = min(first_entry.get(key, i), i)
+    results = [groups[k] for k in sorted(groups, key=first_entry.__getitem__) if groups[k].seeds]
     _name_rows(results)
     return results
 
 
+def _read(path: Path) -> list[dict[str, Any]]:
+    """The summaries in one summary.json or digest.json, each with its jobs."""
+    if path.name == DIGEST_FILE:
+        return read_digest(path)
+    summary = read_summary(path)
+    return [] if summary is None else [{
+        **summary, "jobs": [{"summary": str(path), "provenance": summary["provenance"],
+                             "seeds": [s["seed"] for s in summary["seeds"]],
+                             "wall_seconds": summary.get("wall_seconds")}]}]
+
+
 def _merge(groups: dict[tuple[str, str, str | None], ConfigResult], summary: dict[str, Any],
-           path: Path) -> None:
-    """Add the jobs and seeds of one summary to its configuration's group; a seed already there
-    is kept and the new copy ignored, with a warning."""
+           path: Path) -> tuple[str, str, str | None]:
+    """Add the jobs and seeds of one summary to its configuration's group, and return the group's
+    key; a seed already there is kept and the new copy ignored, with a warning."""
     result = ConfigResult(summary["dataset"], summary["model"], summary["metric"],
                           summary["config"], fingerprint=summary.get("data", {}).get("fingerprint"))
-    group = groups.setdefault((result.dataset, result.key, result.fingerprint), result)
+    key = (result.dataset, result.key, result.fingerprint)
+    group = groups.setdefault(key, result)
     known = {s["seed"] for s in group.seeds}
     new = []
     for seed in summary["seeds"]:
@@ -216,6 +224,7 @@ def _merge(groups: dict[tuple[str, str, str | None], ConfigResult], summary: dic
     if new:  # a job none of whose seeds is kept (a digest beside its own run folders) is not listed
         group.jobs.extend(summary["jobs"])
         group.seeds.extend(new)
+    return key
 
 
 def _naming_keys(result: ConfigResult) -> dict[str, Any]:
