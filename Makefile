@@ -2,11 +2,19 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel by default; a CUDA build comes from PyTorch's index, e.g.
+# torch==2.13.0 by default (the CPU wheel where pip's index serves it); a CUDA build comes from
+# PyTorch's index, e.g.
 #   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu126 make install TORCH_SPEC='torch==2.13.0+cu126'
-# (pip reads PIP_EXTRA_INDEX_URL from the environment).
-TORCH_SPEC ?= torch==2.13.0
+# (pip reads PIP_EXTRA_INDEX_URL from the environment). Where pip resolves torch==2.13.0 to a CUDA
+# build (Linux, PyPI), a CPU-only build comes from PyTorch's CPU index:
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make install TORCH_SPEC='torch==2.13.0+cpu'
+# The spec of the last install is kept in $(VENV)/.torch-spec and is the default afterwards; another
+# TORCH_SPEC reruns the install (pip keeps an installed torch that already satisfies the new spec,
+# as torch==2.13.0 accepts 2.13.0+cu126: `make clean install` starts over).
 STAMP := $(VENV)/.installed
+SPEC_FILE := $(VENV)/.torch-spec
+INSTALLED_SPEC := $(or $(shell cat '$(SPEC_FILE)' 2>/dev/null),torch==2.13.0)
+TORCH_SPEC ?= $(INSTALLED_SPEC)
 ARGS ?=
 EXP ?= paper_molbbbp
 DIRS ?= multirun
@@ -16,19 +24,26 @@ ifneq ($(wildcard ../shared/data/ogb),)
 export GMOE_DATA_MIRROR ?= $(abspath ../shared/data/ogb)
 endif
 
-.PHONY: help install train test lint sweep report bench bench-gpu reproduce-molbbbp reproduce-molhiv reproduce-suite reproduce-official reproduce-official-ablation check-dataset analyses clean
+.PHONY: FORCE help install train test lint sweep report bench bench-gpu reproduce-molbbbp reproduce-molhiv reproduce-suite reproduce-official reproduce-official-ablation check-dataset analyses clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
+
+# A TORCH_SPEC other than the installed one's reinstalls; the same one is a no-op.
+ifneq ($(TORCH_SPEC),$(INSTALLED_SPEC))
+$(STAMP): FORCE
+endif
+FORCE:
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)'
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	printf '%s\n' '$(TORCH_SPEC)' > $(SPEC_FILE)
 	touch $@
 
-install: $(STAMP)  ## create .venv with torch (CPU) and gmoe-bench (editable)
+install: $(STAMP)  ## create .venv with torch (TORCH_SPEC, see the Makefile) and gmoe-bench (editable)
 
 train: $(STAMP)  ## train with the defaults (ogbg-molbbbp, GCN, 3 seeds); more options: ARGS="..."
 	$(BIN)/gmoe-train $(ARGS)

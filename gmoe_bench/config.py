@@ -364,7 +364,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
         _require(0 <= moe.num_hop2 <= moe.num_experts,
                  f"moe.num_hop2={moe.num_hop2} (hop-2 experts) must be between 0 and "
                  f"moe.num_experts={moe.num_experts}.")
-    _require(len(typed.seeds) > 0, "seeds is empty; give at least one, e.g. seeds=[0,1,2].")
+    _require(len(typed.seeds) > 0, "seeds is empty; give at least one, e.g. 'seeds=[0,1,2]'.")
     _require(len(set(typed.seeds)) == len(typed.seeds),
              f"seeds={typed.seeds} has duplicates; list each seed once.")
     _require(all(0 <= s < 2**32 for s in typed.seeds),

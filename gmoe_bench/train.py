@@ -307,6 +307,16 @@ def raised_by_hydra(err: BaseException) -> bool:
     return bool(frames) and f"{os.sep}hydra{os.sep}" in frames[-1].filename
 
 
+def hydra_value_error(err: ValueError) -> str:
+    """One sentence for a ValueError from Hydra's code; a config group given no option ('trainer=null'
+    says 'Config group override must be a string or a list. Got NoneType') is told how to name one."""
+    message = str(err).rstrip(".") + "."
+    if message.startswith("Config group override"):
+        message += (" A config group (model=, trainer=, ...) takes one of its options; gmoe-train "
+                    "--help lists them.")
+    return message
+
+
 def main() -> None:
     """Console entry point (``gmoe-train``)."""
     # Hydra composes the config onto the schema (gmoe_bench/config.py) and rejects what does not
@@ -325,11 +335,10 @@ def main() -> None:
             raise
         print(f"gmoe-train: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    except ValueError as err:  # e.g. 'trainer=null': a config group given no option
+    except ValueError as err:  # Hydra's: 'trainer=null' (a config group given no option), '-m --cfg job'
         if not raised_by_hydra(err):
             raise
-        print(f"gmoe-train: error: {err}. A config group (model=, trainer=, ...) takes one of its "
-              "options; gmoe-train --help lists them.", file=sys.stderr, flush=True)
+        print(f"gmoe-train: error: {hydra_value_error(err)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt as err:
         how = ("re-run the same command to resume" if getattr(err, "resumes", True) else

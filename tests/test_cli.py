@@ -90,6 +90,9 @@ def test_bad_config_is_one_paragraph_and_exit_2(small_mirror: Path, tmp_path: Pa
                                              "directory)"),
     (("trainer=null",), "Config group override must be a string or a list. Got NoneType. A "
                         "config group (model=, trainer=, ...) takes one of its options"),
+    # another ValueError of Hydra's: said alone, without the config-group hint
+    (("-m", "--cfg=job"), "Only one of --run, --multirun, --cfg, --info and --shell_completion "
+                          "can be specified.\n"),
 ])
 def test_unusable_output_folders_and_empty_groups_are_one_sentence(
         small_mirror: Path, tmp_path: Path, overrides: tuple[str, ...], message: str) -> None:
@@ -100,6 +103,7 @@ def test_unusable_output_folders_and_empty_groups_are_one_sentence(
     assert proc.returncode == 2
     assert f"gmoe-train: error: {message.format(file=file)}" in proc.stderr
     assert "Traceback" not in proc.stderr and file.read_text() == "the user's"
+    assert ("config group" in proc.stderr) == ("trainer=null" in overrides)
 
 
 def test_cuda_without_a_gpu_is_a_config_error(small_mirror: Path, tmp_path: Path) -> None:
